@@ -1,0 +1,425 @@
+//! Typed settings, layered: defaults → `mlsched.toml` → `MLSCHED__SECTION__KEY`
+//! environment variables → `NATS_URL` / `DATABASE_URL`.
+//!
+//! Every field documents its default; README.md's configuration reference lists the
+//! same keys. [`Settings::validate`] reports every problem at once, each naming its key,
+//! so a bad deployment fails at start with a message an operator can act on. Unknown
+//! keys are errors too: a typo in an environment variable never silently does nothing.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::job::{Kind, Lane};
+
+/// A configuration problem, naming the key(s).
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// A source could not be read or a value has the wrong type or an unknown key.
+    #[error("configuration: {0}")]
+    Load(String),
+    /// Values parsed but are not acceptable; one line per key.
+    #[error("configuration is invalid:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// A string that must not appear in logs (a URL with a password).
+#[derive(Clone, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// Wraps a secret value.
+    pub fn new(s: impl Into<String>) -> Self {
+        Self(s.into())
+    }
+    /// The secret value, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// All settings of every mlsched process.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// `[nats]`
+    pub nats: NatsSettings,
+    /// `[database]`
+    pub database: DatabaseSettings,
+    /// `[executor]`
+    pub executor: ExecutorSettings,
+    /// `[predictor]`
+    pub predictor: PredictorSettings,
+    /// `[retry]`
+    pub retry: RetrySettings,
+    /// `[shutdown]`
+    pub shutdown: ShutdownSettings,
+    /// `[store]`
+    pub store: StoreSettings,
+    /// `[log]`
+    pub log: LogSettings,
+}
+
+/// `[nats]`: the NATS connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsSettings {
+    /// Server URL(s), comma-separated. `NATS_URL` overrides. Default `nats://127.0.0.1:4222`.
+    pub url: Secret,
+    /// Timeout of JetStream API requests and publish acks, ms. Default 5000.
+    pub request_timeout_ms: u64,
+}
+
+impl Default for NatsSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("nats://127.0.0.1:4222"),
+            request_timeout_ms: 5000,
+        }
+    }
+}
+
+/// `[database]`: the Postgres connection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseSettings {
+    /// Connection URL. `DATABASE_URL` overrides. Default `postgres://127.0.0.1:5432/mlsched`.
+    pub url: Secret,
+    /// Pool size. Default 8.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseSettings {
+    fn default() -> Self {
+        Self {
+            url: Secret::new("postgres://127.0.0.1:5432/mlsched"),
+            max_connections: 8,
+        }
+    }
+}
+
+/// `[executor]`: the job workers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ExecutorSettings {
+    /// Lanes this process consumes (`executor-<lane>` consumers). Default `["fast", "slow"]`.
+    /// As an environment variable: `MLSCHED__EXECUTOR__LANES=fast,slow`.
+    pub lanes: Vec<String>,
+    /// Jobs run at once per process (all lanes together). Default 64.
+    pub concurrency: usize,
+    /// Most messages asked for in one pull request. Default 128.
+    pub fetch_batch: usize,
+    /// Per-attempt timeout when the envelope sets none, ms. Default 300000 (5 min).
+    pub default_timeout_ms: u64,
+    /// Interval of in-progress acks for a running job, ms; keep it well below the
+    /// consumer's `ack_wait` (30 s in streams/). Default 10000.
+    pub heartbeat_ms: u64,
+}
+
+impl Default for ExecutorSettings {
+    fn default() -> Self {
+        Self {
+            lanes: vec!["fast".into(), "slow".into()],
+            concurrency: 64,
+            fetch_batch: 128,
+            default_timeout_ms: 300_000,
+            heartbeat_ms: 10_000,
+        }
+    }
+}
+
+/// `[predictor]`: the routing stage.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PredictorSettings {
+    /// Most submissions taken in one batch. Default 256.
+    pub batch_size: usize,
+    /// Lane of kinds without a rule. Default `fast`.
+    pub default_lane: String,
+    /// Per-kind lane rules, e.g. `[predictor.lanes]` `train = "slow"`.
+    /// Default: `sleep` and `http` → `slow`.
+    pub lanes: BTreeMap<String, String>,
+}
+
+impl Default for PredictorSettings {
+    fn default() -> Self {
+        Self {
+            batch_size: 256,
+            default_lane: "fast".into(),
+            lanes: [("sleep", "slow"), ("http", "slow")]
+                .into_iter()
+                .map(|(k, l)| (k.to_string(), l.to_string()))
+                .collect(),
+        }
+    }
+}
+
+/// `[retry]`: what happens after a failed attempt.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Backoff before the second attempt, ms; doubles each attempt. Default 1000.
+    pub base_ms: u64,
+    /// Longest backoff, ms. Default 60000.
+    pub max_ms: u64,
+    /// Attempts when the envelope sets no `max_attempts`. Default 5 (at most 25).
+    pub max_attempts: u32,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            base_ms: 1000,
+            max_ms: 60_000,
+            max_attempts: 5,
+        }
+    }
+}
+
+/// `[shutdown]`: SIGTERM behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShutdownSettings {
+    /// Time in-flight jobs get to finish after SIGTERM, seconds. Default 25; keep the
+    /// pod's `terminationGracePeriodSeconds` above it.
+    pub grace_s: u64,
+}
+
+impl Default for ShutdownSettings {
+    fn default() -> Self {
+        Self { grace_s: 25 }
+    }
+}
+
+/// `[store]`: the group-committing Postgres writer.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StoreSettings {
+    /// Most job records in one statement. Default 512.
+    pub batch_max: usize,
+    /// How long a batch waits for more records before it is written, ms; 0 writes
+    /// whatever is queued at once. Default 2.
+    pub linger_ms: u64,
+}
+
+impl Default for StoreSettings {
+    fn default() -> Self {
+        Self {
+            batch_max: 512,
+            linger_ms: 2,
+        }
+    }
+}
+
+/// `[log]`: log output.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// `text` (default) or `json`.
+    pub format: String,
+    /// A tracing filter, e.g. `info` (default) or `mlsched=debug,info`. `RUST_LOG` overrides.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            level: "info".into(),
+        }
+    }
+}
+
+impl Settings {
+    /// Loads settings from `file` (optional; `mlsched.toml` when `None`), the
+    /// `MLSCHED__*` environment variables and `NATS_URL` / `DATABASE_URL`, then validates.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(file, &vars)
+    }
+
+    /// [`Settings::load`] with the environment given explicitly (for tests).
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Settings, ConfigError> {
+        let mut builder = config::Config::builder();
+        match file {
+            Some(path) => builder = builder.add_source(config::File::from(path).required(true)),
+            None => builder = builder.add_source(config::File::with_name("mlsched.toml").required(false)),
+        }
+        let source: std::collections::HashMap<String, String> = env
+            .iter()
+            .filter(|(k, _)| k.starts_with("MLSCHED__"))
+            .cloned()
+            .collect();
+        builder = builder.add_source(
+            config::Environment::with_prefix("MLSCHED")
+                .prefix_separator("__")
+                .separator("__")
+                .try_parsing(true)
+                .list_separator(",")
+                .with_list_parse_key("executor.lanes")
+                .source(Some(source)),
+        );
+        for (var, key) in [("NATS_URL", "nats.url"), ("DATABASE_URL", "database.url")] {
+            if let Some((_, v)) = env.iter().find(|(k, _)| k == var) {
+                builder = builder
+                    .set_override(key, v.clone())
+                    .map_err(|e| ConfigError::Load(e.to_string()))?;
+            }
+        }
+        let settings: Settings = builder
+            .build()
+            .and_then(|c| c.try_deserialize())
+            .map_err(|e| ConfigError::Load(e.to_string()))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks every value, reporting all problems at once with their keys.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        let mut positive = |key: &str, v: u64| {
+            if v == 0 {
+                errs.push(format!("{key}: must be greater than 0"));
+            }
+        };
+        positive("nats.request_timeout_ms", self.nats.request_timeout_ms);
+        positive("database.max_connections", self.database.max_connections.into());
+        positive("executor.concurrency", self.executor.concurrency as u64);
+        positive("executor.fetch_batch", self.executor.fetch_batch as u64);
+        positive("executor.default_timeout_ms", self.executor.default_timeout_ms);
+        positive("executor.heartbeat_ms", self.executor.heartbeat_ms);
+        positive("predictor.batch_size", self.predictor.batch_size as u64);
+        positive("retry.base_ms", self.retry.base_ms);
+        positive("store.batch_max", self.store.batch_max as u64);
+        if self.executor.lanes.is_empty() {
+            errs.push("executor.lanes: name at least one lane".into());
+        }
+        for lane in &self.executor.lanes {
+            if let Err(e) = Lane::new(lane.as_str()) {
+                errs.push(format!("executor.lanes: {e}"));
+            }
+        }
+        if let Err(e) = Lane::new(self.predictor.default_lane.as_str()) {
+            errs.push(format!("predictor.default_lane: {e}"));
+        }
+        for (kind, lane) in &self.predictor.lanes {
+            if let Err(e) = Kind::new(kind.as_str()) {
+                errs.push(format!("predictor.lanes.{kind}: {e}"));
+            }
+            if let Err(e) = Lane::new(lane.as_str()) {
+                errs.push(format!("predictor.lanes.{kind}: {e}"));
+            }
+        }
+        if self.retry.max_ms < self.retry.base_ms {
+            errs.push(format!(
+                "retry.max_ms: must be at least retry.base_ms ({}), got {}",
+                self.retry.base_ms, self.retry.max_ms
+            ));
+        }
+        let limit = crate::job::envelope::MAX_ATTEMPTS_LIMIT;
+        if self.retry.max_attempts == 0 || self.retry.max_attempts > limit {
+            errs.push(format!("retry.max_attempts: must be 1..={limit}, got {}", self.retry.max_attempts));
+        }
+        if !matches!(self.log.format.as_str(), "text" | "json") {
+            errs.push(format!("log.format: must be \"text\" or \"json\", got {:?}", self.log.format));
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errs))
+        }
+    }
+
+    /// The executor's lanes, validated.
+    pub fn executor_lanes(&self) -> Vec<Lane> {
+        self.executor.lanes.iter().filter_map(|l| Lane::new(l.as_str()).ok()).collect()
+    }
+
+    /// The lane the predictor routes `kind` to.
+    pub fn lane_for(&self, kind: &Kind) -> Lane {
+        let name = self.predictor.lanes.get(kind.as_str()).unwrap_or(&self.predictor.default_lane);
+        Lane::new(name.as_str()).unwrap_or_else(|_| Lane::new("fast").expect("constant lane is valid"))
+    }
+
+    /// The drain grace period.
+    pub fn grace(&self) -> Duration {
+        Duration::from_secs(self.shutdown.grace_s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let s = Settings::load_from(None, &[]).unwrap();
+        assert_eq!(s.executor.concurrency, 64);
+        assert_eq!(s.executor_lanes().len(), 2);
+    }
+
+    #[test]
+    fn environment_layers_over_defaults() {
+        let s = Settings::load_from(
+            None,
+            &env(&[
+                ("MLSCHED__EXECUTOR__CONCURRENCY", "8"),
+                ("MLSCHED__EXECUTOR__LANES", "fast,gpu"),
+                ("MLSCHED__RETRY__BASE_MS", "50"),
+                ("MLSCHED__PREDICTOR__LANES__TRAIN", "gpu"),
+                ("NATS_URL", "nats://nats:4222"),
+                ("DATABASE_URL", "postgres://db/x"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(s.executor.concurrency, 8);
+        assert_eq!(s.executor.lanes, vec!["fast", "gpu"]);
+        assert_eq!(s.retry.base_ms, 50);
+        assert_eq!(s.lane_for(&Kind::new("train").unwrap()).as_str(), "gpu");
+        assert_eq!(s.nats.url.expose(), "nats://nats:4222");
+        assert_eq!(s.database.url.expose(), "postgres://db/x");
+        assert!(!format!("{s:?}").contains("postgres://db/x"), "secrets stay out of Debug");
+    }
+
+    #[test]
+    fn bad_values_name_their_keys() {
+        let err = Settings::load_from(None, &env(&[("MLSCHED__EXECUTOR__CONCURRENCY", "lots")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("executor.concurrency"), "{err}");
+
+        let err = Settings::load_from(None, &env(&[("MLSCHED__EXECUTOR__CONCURENCY", "4")]))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("concurency"), "typos are reported: {err}");
+
+        let err = Settings::load_from(
+            None,
+            &env(&[
+                ("MLSCHED__EXECUTOR__CONCURRENCY", "0"),
+                ("MLSCHED__RETRY__MAX_MS", "10"),
+                ("MLSCHED__LOG__FORMAT", "xml"),
+            ]),
+        )
+        .unwrap_err()
+        .to_string();
+        for key in ["executor.concurrency", "retry.max_ms", "log.format"] {
+            assert!(err.contains(key), "{key} missing from {err}");
+        }
+    }
+}

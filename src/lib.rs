@@ -1,0 +1,26 @@
+//! mlsched: an event-driven ML task scheduler on NATS JetStream.
+//!
+//! Jobs are published to `jobs.submit.<kind>`; the predictor (workers/predictor)
+//! validates them, records them in Postgres and routes them to `jobs.run.<lane>.<kind>`;
+//! executors (workers/executor) run them and record the outcome. DESIGN.md is the
+//! contract. This crate is the core both workers and the `mlsched` CLI build on:
+//!
+//! - [`job`]: ids, kinds, lanes, statuses, subjects and the envelope (wire format).
+//! - [`config`]: layered, validated [`config::Settings`].
+//! - [`streams`]: the JetStream definitions in streams/ and `streams apply`.
+//! - [`client`]: connecting to NATS and publishing jobs.
+//! - [`store`]: Postgres: migrations, the group-committing writer, read queries.
+//! - [`runtime`]: what workers share: shutdown, backoff, fetching, dead-lettering.
+//! - [`stack`]: private `nats-server` and Postgres processes for `mlsched dev` and tests.
+//! - [`telemetry`]: log output, as text or JSON.
+//! - [`cli`]: the `mlsched` command line.
+
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod job;
+pub mod runtime;
+pub mod stack;
+pub mod store;
+pub mod streams;
+pub mod telemetry;

@@ -1,0 +1,319 @@
+//! One lane's consume loop and the life of one job attempt.
+//!
+//! The loop asks for as many messages as it has free slots (`executor.concurrency` per
+//! lane) and runs each on its own task. An attempt is: claim the row (`running`,
+//! committed before the handler starts, so a job already finished is acked and never
+//! run again), run the handler under its timeout with in-progress acks, record the
+//! outcome, and only then settle the message. [`decide`] is the one place that maps an
+//! outcome to an ack.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, message::AckKind, Message};
+use chrono::{DateTime, Utc};
+use mlsched::config::Settings;
+use mlsched::job::{self, envelope::IdSource, Job, JobId, Lane, Status};
+use mlsched::runtime::{backoff, dead_letter, with_heartbeat, Fetcher};
+use mlsched::store::{Record, StoreError, Writer};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::handler::{HandlerError, HandlerResult, JobInput, Registry};
+
+/// What to do with a message once its attempt is over.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Settle {
+    /// Done (recorded, or finished before): remove it.
+    Ack,
+    /// Deliver again after the delay.
+    Retry(Duration),
+    /// Deliver again now: this worker is stopping.
+    Requeue,
+    /// Dead-lettered and recorded: never deliver again.
+    Term,
+}
+
+/// Maps a handler outcome to what happens next: succeeded, retry after a backoff, or
+/// dead.
+pub(crate) fn decide(outcome: &HandlerResult, attempt: u32, max_attempts: u32, settings: &Settings) -> (Status, Option<Duration>) {
+    match outcome {
+        Ok(_) => (Status::Succeeded, None),
+        Err(HandlerError::Retry { after, .. }) if attempt < max_attempts => {
+            let delay = after.unwrap_or_else(|| {
+                backoff(
+                    attempt,
+                    Duration::from_millis(settings.retry.base_ms),
+                    Duration::from_millis(settings.retry.max_ms),
+                )
+            });
+            (Status::Failed, Some(delay))
+        }
+        Err(_) => (Status::Dead, None),
+    }
+}
+
+pub(crate) struct Ctx {
+    pub(crate) settings: Settings,
+    pub(crate) registry: Registry,
+    pub(crate) writer: Writer,
+    pub(crate) js: jetstream::Context,
+    pub(crate) hard: CancellationToken,
+}
+
+/// Consumes `executor-<lane>` until `soft` fires; attempts run on `tracker`.
+pub(crate) async fn run(ctx: Arc<Ctx>, client: async_nats::Client, lane: Lane, soft: CancellationToken, tracker: TaskTracker) {
+    let slots = Arc::new(Semaphore::new(ctx.settings.executor.concurrency));
+    let mut fetcher = Fetcher::new(client, job::RUN_STREAM, &job::executor_consumer(&lane));
+    tracing::info!(%lane, consumer = fetcher.consumer(), concurrency = ctx.settings.executor.concurrency, "consuming");
+    loop {
+        let first = tokio::select! {
+            _ = soft.cancelled() => break,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+        };
+        let mut permits = vec![first];
+        while permits.len() < ctx.settings.executor.fetch_batch {
+            match slots.clone().try_acquire_owned() {
+                Ok(p) => permits.push(p),
+                Err(_) => break,
+            }
+        }
+        let Some(mut batch) = fetcher.batch(permits.len(), &soft).await else { break };
+        while let Some(msg) = fetcher.next(&mut batch).await {
+            match permits.pop() {
+                Some(permit) if !soft.is_cancelled() => {
+                    let ctx = ctx.clone();
+                    let lane = lane.clone();
+                    tracker.spawn(async move {
+                        let settle = attempt(&ctx, &msg, &lane).await;
+                        apply(&msg, settle).await;
+                        drop(permit);
+                    });
+                }
+                // Stopping (or the server sent more than asked): hand it back at once.
+                _ => apply(&msg, Settle::Requeue).await,
+            }
+        }
+    }
+    tracing::info!(%lane, "stopped fetching");
+}
+
+async fn apply(msg: &Message, settle: Settle) {
+    let kind = match settle {
+        Settle::Ack => AckKind::Ack,
+        Settle::Retry(d) => AckKind::Nak(Some(d)),
+        Settle::Requeue => AckKind::Nak(None),
+        Settle::Term => AckKind::Term,
+    };
+    if let Err(e) = msg.ack_with(kind).await {
+        tracing::warn!(error = %e, subject = %msg.subject, "ack not sent; the message will be redelivered");
+    }
+}
+
+/// Runs one delivery of a message to completion and says how to settle it.
+async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
+    let Ok(info) = msg.info() else { return Settle::Requeue };
+    let delivered = info.delivered.max(1) as u32;
+    let seq = info.stream_sequence;
+    let published: DateTime<Utc> = info.published;
+    let subject = msg.subject.to_string();
+    let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+    let msg_id = header(job::MSG_ID_HEADER);
+    let id_source = match &msg_id {
+        Some(h) => IdSource::MsgId(h),
+        None => IdSource::Derived(JobId::for_message(seq, published.timestamp_millis().max(0) as u64)),
+    };
+    let job = match Job::parse(job::kind_token(&subject), &msg.payload, id_source) {
+        Ok(j) => j,
+        Err(e) => {
+            let dedup = format!("{}:{seq}", job::RUN_STREAM);
+            return match dead_letter(&ctx.js, &subject, msg.headers.as_ref(), msg.payload.clone(), &dedup, &e.to_string(), delivered.into()).await {
+                Ok(()) => {
+                    tracing::warn!(%subject, error = %e, "malformed job dead-lettered");
+                    Settle::Term
+                }
+                Err(pe) => {
+                    tracing::warn!(error = %pe, "dead letter not stored; will retry");
+                    Settle::Retry(Duration::from_secs(1))
+                }
+            };
+        }
+    };
+    let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = delivered);
+    let submitted_header = header(job::SUBMITTED_AT_HEADER);
+    run_job(ctx, msg, job, lane, delivered, published, submitted_header).instrument(span).await
+}
+
+async fn run_job(
+    ctx: &Ctx,
+    msg: &Message,
+    job: Job,
+    lane: &Lane,
+    delivered: u32,
+    published: DateTime<Utc>,
+    submitted_header: Option<String>,
+) -> Settle {
+    let subject = msg.subject.as_str();
+    let s = &ctx.settings;
+    let max_attempts = job.max_attempts.unwrap_or(s.retry.max_attempts);
+    let submitted_at = submitted_header
+        .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
+        .map(|t| t.with_timezone(&Utc))
+        .unwrap_or(published);
+    let lane = job::lane_token(subject).and_then(|l| Lane::new(l).ok()).unwrap_or_else(|| lane.clone());
+    let base = Record::new(&job, lane, Status::Running, delivered as i32, max_attempts, submitted_at);
+    let every = Duration::from_millis(s.executor.heartbeat_ms);
+
+    if delivered > max_attempts {
+        let reason = format!(
+            "attempts exhausted: delivered {delivered} times with {max_attempts} allowed; earlier attempts ended without an outcome (worker lost)"
+        );
+        return give_up(ctx, msg, &job, base, reason, delivered).await;
+    }
+
+    // Claim: `running` is committed before the handler starts.
+    let mut start = base.clone();
+    start.started_at = Some(Utc::now());
+    let claim = tokio::select! {
+        r = with_heartbeat(msg, every, ctx.writer.write(start)) => r,
+        _ = ctx.hard.cancelled() => return Settle::Requeue,
+    };
+    match claim {
+        Ok(c) if c.applied => {}
+        Ok(c) if c.status.is_terminal() => {
+            tracing::info!(status = %c.status, "job already finished; acking without running it again");
+            return Settle::Ack;
+        }
+        Ok(c) => {
+            tracing::info!(status = %c.status, attempts = c.attempts, "another attempt holds the job; retrying later");
+            return Settle::Retry(backoff(delivered, Duration::from_millis(s.retry.base_ms), Duration::from_millis(s.retry.max_ms)));
+        }
+        Err(StoreError::Rejected(e)) => return give_up(ctx, msg, &job, base, format!("cannot record the job: {e}"), delivered).await,
+        Err(_) => return Settle::Requeue,
+    }
+
+    let timeout = Duration::from_millis(job.timeout_ms.unwrap_or(s.executor.default_timeout_ms));
+    let started = Instant::now();
+    let outcome = match ctx.registry.get(&job.kind) {
+        None => Err(HandlerError::retry(format!("no handler for kind {} on this executor", job.kind))),
+        Some(handler) => {
+            let input = JobInput {
+                id: job.id,
+                kind: job.kind.clone(),
+                payload: job.payload.clone(),
+                attempt: delivered,
+                max_attempts,
+                timeout,
+            };
+            // A task of its own isolates panics and lets a timeout abort the handler.
+            let task = tokio::spawn(handler.call(input));
+            let abort = task.abort_handle();
+            tokio::select! {
+                r = with_heartbeat(msg, every, tokio::time::timeout(timeout, task)) => match r {
+                    Ok(Ok(res)) => res,
+                    Ok(Err(e)) if e.is_panic() => Err(HandlerError::retry("handler panicked")),
+                    Ok(Err(_)) => Err(HandlerError::retry("handler task was cancelled")),
+                    Err(_) => {
+                        abort.abort();
+                        Err(HandlerError::retry(format!("timed out after {} ms", timeout.as_millis())))
+                    }
+                },
+                _ = ctx.hard.cancelled() => {
+                    abort.abort();
+                    tracing::warn!("abandoned at hard stop; handing the job back");
+                    return Settle::Requeue;
+                }
+            }
+        }
+    };
+    let ran_ms = started.elapsed().as_millis() as i64;
+
+    let (status, delay) = decide(&outcome, delivered, max_attempts, s);
+    let mut rec = base.moved(status);
+    rec.actual_ms = Some(ran_ms);
+    match (&outcome, status) {
+        (Ok(v), _) => {
+            rec.finished_at = Some(Utc::now());
+            rec.result = (!v.is_null()).then(|| v.to_string());
+        }
+        (Err(e), Status::Dead) => {
+            let reason = match e {
+                HandlerError::Fatal { reason } => reason.clone(),
+                HandlerError::Retry { reason, .. } => format!("failed {delivered} of {max_attempts} attempts; last: {reason}"),
+            };
+            return give_up(ctx, msg, &job, rec, reason, delivered).await;
+        }
+        (Err(e), _) => {
+            tracing::info!(error = e.reason(), "attempt failed; will retry");
+            rec.error = Some(e.reason().to_string());
+        }
+    }
+    let recorded = tokio::select! {
+        r = with_heartbeat(msg, every, ctx.writer.write(rec)) => r,
+        _ = ctx.hard.cancelled() => return Settle::Requeue,
+    };
+    match (recorded, delay) {
+        (Ok(_), None) => Settle::Ack,
+        (Ok(_), Some(d)) => Settle::Retry(d),
+        (Err(e), _) => {
+            tracing::warn!(error = %e, "outcome not recorded; handing the job back");
+            Settle::Requeue
+        }
+    }
+}
+
+/// Dead-letters the job (published first, so a crash before the record cannot lose
+/// it), records it `dead`, and terminates the message.
+async fn give_up(ctx: &Ctx, msg: &Message, job: &Job, base: Record, reason: String, attempts: u32) -> Settle {
+    if let Err(e) = dead_letter(
+        &ctx.js,
+        &msg.subject,
+        msg.headers.as_ref(),
+        msg.payload.clone(),
+        &job.id.to_string(),
+        &reason,
+        attempts.into(),
+    )
+    .await
+    {
+        tracing::warn!(error = %e, "dead letter not stored; will retry");
+        return Settle::Retry(Duration::from_secs(1));
+    }
+    let mut rec = base.moved(Status::Dead);
+    rec.finished_at = Some(Utc::now());
+    rec.error = Some(reason.clone());
+    let recorded = tokio::select! {
+        r = ctx.writer.write(rec) => r,
+        _ = ctx.hard.cancelled() => return Settle::Requeue,
+    };
+    match recorded {
+        Ok(_) => {
+            tracing::warn!(%reason, "job dead-lettered");
+            Settle::Term
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "dead record not written; handing the job back");
+            Settle::Requeue
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcomes_map_to_the_right_next_step() {
+        let s = Settings::default();
+        assert_eq!(decide(&Ok(serde_json::Value::Null), 1, 5, &s), (Status::Succeeded, None));
+        let (st, d) = decide(&Err(HandlerError::retry("x")), 1, 5, &s);
+        assert_eq!(st, Status::Failed);
+        assert!(d.unwrap() <= Duration::from_millis(s.retry.base_ms));
+        let (st, d) = decide(&Err(HandlerError::retry_after("x", Duration::from_secs(7))), 2, 5, &s);
+        assert_eq!((st, d), (Status::Failed, Some(Duration::from_secs(7))));
+        assert_eq!(decide(&Err(HandlerError::retry("x")), 5, 5, &s), (Status::Dead, None));
+        assert_eq!(decide(&Err(HandlerError::fatal("x")), 1, 5, &s), (Status::Dead, None));
+    }
+}

@@ -1,0 +1,50 @@
+//! `mlsched-predictor`: the routing stage between `JOBS_SUBMIT` and `JOBS_RUN`.
+//!
+//! It validates each submission, assigns a lane (per-kind rules from
+//! `[predictor.lanes]`, else `predictor.default_lane`), records the job `queued` in
+//! Postgres, publishes it to `jobs.run.<lane>.<kind>` with the job id as
+//! `Nats-Msg-Id`, and acks the submission only once both are durable. Invalid bodies
+//! go to `jobs.dead.<kind>` with their reason. See `route` for the details.
+
+mod route;
+
+use anyhow::Context as _;
+use mlsched::config::Settings;
+use mlsched::runtime::{DeadLetterer, Shutdown};
+use mlsched::store::{self, Writer};
+use tokio_util::task::TaskTracker;
+
+/// Runs the routing stage until `shutdown`.
+pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
+    settings.validate()?;
+    tokio::spawn(shutdown.grace_timer(settings.grace()));
+    let client = match mlsched::client::connect(&settings.nats, "mlsched-predictor", &shutdown.soft).await {
+        Ok(c) => c,
+        Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    let pool = store::pool(&settings.database).context("database.url")?;
+    if store::wait_until_reachable(&pool, &shutdown.soft).await.is_err() {
+        return Ok(());
+    }
+    let writer_tasks = TaskTracker::new();
+    let writer = Writer::spawn(pool, Some(client.clone()), &settings.store, shutdown.hard.clone(), &writer_tasks);
+    let stage = route::Stage {
+        settings: settings.clone(),
+        writer: writer.clone(),
+        js: async_nats::jetstream::new(client.clone()),
+    };
+    let tasks = TaskTracker::new();
+    tasks.spawn(route::run(stage, client.clone(), shutdown.soft.clone()));
+    tasks.spawn(DeadLetterer::new(client.clone(), writer.clone(), settings.clone()).run(shutdown.soft.clone()));
+    tasks.close();
+    tasks.wait().await;
+    drop(writer);
+    writer_tasks.close();
+    writer_tasks.wait().await;
+    if let Err(e) = client.flush().await {
+        tracing::warn!(error = %e, "could not flush the last acks");
+    }
+    tracing::info!("predictor stopped");
+    Ok(())
+}

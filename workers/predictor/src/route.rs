@@ -1,0 +1,177 @@
+//! The routing stage: validate a group of submissions, record them `queued`, publish
+//! them to their lane, and ack each submission only when its row is committed and
+//! its `jobs.run.*` publish is acknowledged.
+//!
+//! A group is whatever has arrived when the stage is free (up to
+//! `predictor.batch_size`), so the record writes and publishes of many submissions
+//! share one statement and one round of acks. An invalid body is dead-lettered with its
+//! reason and terminated; it never holds up the valid ones around it.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishAckFuture, message::AckKind, Message};
+use async_nats::HeaderMap;
+use chrono::{DateTime, Utc};
+use futures::FutureExt;
+use mlsched::config::Settings;
+use mlsched::job::{self, envelope::IdSource, Job, JobId, Status};
+use mlsched::runtime::{dead_letter, Fetcher};
+use mlsched::store::{Record, StoreError, Writer};
+use tokio_util::sync::CancellationToken;
+
+pub(crate) struct Stage {
+    pub(crate) settings: Settings,
+    pub(crate) writer: Writer,
+    pub(crate) js: jetstream::Context,
+}
+
+/// Consumes `predictor` until `soft` fires.
+pub(crate) async fn run(stage: Stage, client: async_nats::Client, soft: CancellationToken) {
+    let max = stage.settings.predictor.batch_size;
+    let mut fetcher = Fetcher::new(client, job::SUBMIT_STREAM, job::PREDICTOR_CONSUMER);
+    tracing::info!(batch_size = max, "routing submissions");
+    while let Some(mut batch) = fetcher.batch(max, &soft).await {
+        while let Some(first) = fetcher.next(&mut batch).await {
+            let mut group = vec![first];
+            // Take what has already arrived; do not wait to fill the group.
+            while group.len() < max {
+                match fetcher.next(&mut batch).now_or_never() {
+                    Some(Some(m)) => group.push(m),
+                    _ => break,
+                }
+            }
+            if soft.is_cancelled() {
+                settle_all(&group, AckKind::Nak(None)).await;
+                continue;
+            }
+            stage.route(group).await;
+        }
+    }
+    tracing::info!("stopped fetching");
+}
+
+async fn settle_all(msgs: &[Message], kind: AckKind) {
+    for m in msgs {
+        if let Err(e) = m.ack_with(kind).await {
+            tracing::warn!(error = %e, "ack not sent; the submission will be redelivered");
+        }
+    }
+}
+
+async fn settle(msg: &Message, kind: AckKind) {
+    settle_all(std::slice::from_ref(msg), kind).await;
+}
+
+struct Valid {
+    msg: Message,
+    job: Job,
+    submitted_at: DateTime<Utc>,
+}
+
+impl Stage {
+    async fn route(&self, group: Vec<Message>) {
+        let mut valid = Vec::with_capacity(group.len());
+        for msg in group {
+            let Ok(info) = msg.info() else {
+                settle(&msg, AckKind::Nak(None)).await;
+                continue;
+            };
+            let seq = info.stream_sequence;
+            let delivered = info.delivered;
+            let published: DateTime<Utc> = info.published;
+            let msg_id = msg.headers.as_ref().and_then(|h| h.get(job::MSG_ID_HEADER)).map(|v| v.as_str().to_string());
+            let id_source = match &msg_id {
+                Some(h) => IdSource::MsgId(h),
+                None => IdSource::Derived(JobId::for_message(seq, published.timestamp_millis().max(0) as u64)),
+            };
+            match Job::parse(job::kind_token(&msg.subject), &msg.payload, id_source) {
+                Ok(job) => valid.push(Valid {
+                    msg,
+                    job,
+                    submitted_at: published,
+                }),
+                Err(e) => self.reject(&msg, &format!("{}:{seq}", job::SUBMIT_STREAM), &e.to_string(), delivered).await,
+            }
+        }
+        if valid.is_empty() {
+            return;
+        }
+
+        let records = valid
+            .iter()
+            .map(|v| {
+                let max = v.job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
+                Record::new(&v.job, self.settings.lane_for(&v.job.kind), Status::Queued, 0, max, v.submitted_at)
+            })
+            .collect();
+        let commits = self.writer.write_all(records).await;
+
+        let mut publishes: Vec<(Valid, PublishAckFuture)> = Vec::with_capacity(valid.len());
+        for (v, commit) in valid.into_iter().zip(commits) {
+            match commit {
+                // New, or recorded earlier but maybe not published: publish (JetStream
+                // drops the duplicate by Nats-Msg-Id).
+                Ok(c) if c.applied || c.status == Status::Queued => match self.publish(&v).await {
+                    Ok(ack) => publishes.push((v, ack)),
+                    Err(e) => {
+                        tracing::warn!(id = %v.job.id, error = %e, "publish to the run stream failed; will retry");
+                        settle(&v.msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    }
+                },
+                // Already running or finished: it was routed before.
+                Ok(_) => settle(&v.msg, AckKind::Ack).await,
+                Err(StoreError::Rejected(e)) => {
+                    let attempts = v.msg.info().map(|i| i.delivered).unwrap_or(1);
+                    self.reject(&v.msg, &v.job.id.to_string(), &format!("cannot record the job: {e}"), attempts).await;
+                }
+                Err(e) => {
+                    tracing::warn!(id = %v.job.id, error = %e, "job not recorded; handing the submission back");
+                    settle(&v.msg, AckKind::Nak(None)).await;
+                }
+            }
+        }
+        for (v, ack) in publishes {
+            match ack.await {
+                Ok(_) => settle(&v.msg, AckKind::Ack).await,
+                Err(e) => {
+                    tracing::warn!(id = %v.job.id, error = %e, "run publish not acknowledged; will retry");
+                    settle(&v.msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                }
+            }
+        }
+    }
+
+    async fn publish(&self, v: &Valid) -> Result<PublishAckFuture, jetstream::context::PublishError> {
+        let lane = self.settings.lane_for(&v.job.kind);
+        let mut headers = HeaderMap::new();
+        if let Some(h) = &v.msg.headers {
+            for (name, values) in h.iter() {
+                let n: &str = name.as_ref();
+                if n.eq_ignore_ascii_case(job::MSG_ID_HEADER) || n.starts_with("Mlsched-") {
+                    continue;
+                }
+                for value in values {
+                    headers.append(n, value.as_str());
+                }
+            }
+        }
+        headers.insert(job::MSG_ID_HEADER, v.job.id.to_string().as_str());
+        headers.insert(job::SUBMITTED_AT_HEADER, v.submitted_at.to_rfc3339().as_str());
+        self.js
+            .publish_with_headers(job::run_subject(&lane, &v.job.kind), headers, v.job.to_json().into())
+            .await
+    }
+
+    async fn reject(&self, msg: &Message, dedup: &str, reason: &str, attempts: i64) {
+        match dead_letter(&self.js, &msg.subject, msg.headers.as_ref(), msg.payload.clone(), dedup, reason, attempts).await {
+            Ok(()) => {
+                tracing::warn!(subject = %msg.subject, error = %reason, "invalid submission dead-lettered");
+                settle(msg, AckKind::Term).await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dead letter not stored; will retry");
+                settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+            }
+        }
+    }
+}
