@@ -7,8 +7,9 @@ use crate::config::LogSettings;
 
 /// Installs the global subscriber (once; later calls are no-ops).
 pub fn init(settings: &LogSettings) {
+    // async-nats logs every (re)connect at info; our own lines say what matters.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(&settings.level))
+        .or_else(|_| EnvFilter::try_new(format!("async_nats=warn,{}", settings.level)))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     let _ = if settings.format == "json" {

@@ -81,7 +81,11 @@ pub struct ApplyArgs {
 /// Parses the command line and runs it.
 pub async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let settings = Settings::load(cli.config.as_deref())?;
+    let mut settings = Settings::load(cli.config.as_deref())?;
+    // One-shot commands speak through their output; log only problems unless asked.
+    if std::env::var_os("MLSCHED__LOG__LEVEL").is_none() && settings.log.level == "info" {
+        settings.log.level = "warn".into();
+    }
     crate::telemetry::init(&settings.log);
     run(cli.command, settings).await
 }

@@ -90,7 +90,12 @@ impl DeadLetterer {
         let mut fetcher = Fetcher::new(self.client.clone(), job::ADVISORY_STREAM, "dead-letterer").expires(Duration::from_secs(5));
         let js = jetstream::new(self.client.clone());
         while let Some(mut batch) = fetcher.batch(16, &cancel).await {
-            while let Some(msg) = fetcher.next(&mut batch).await {
+            loop {
+                let next = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    m = fetcher.next(&mut batch) => m,
+                };
+                let Some(msg) = next else { break };
                 let handled = match serde_json::from_slice::<MaxDeliveriesAdvisory>(&msg.payload) {
                     Ok(adv) => self.handle(&js, &adv).await,
                     Err(e) => {

@@ -1,0 +1,212 @@
+//! Faults: workers killed or stopped mid-run, NATS and Postgres restarting, a job that
+//! crash-loops. Nothing is lost and nothing succeeds twice.
+
+use std::time::Duration;
+
+use async_nats::jetstream::consumer::pull;
+use futures::StreamExt;
+use mlsched::streams::Definitions;
+use serde_json::json;
+
+use crate::harness::{eventually, TestEnv, DEADLINE};
+
+async fn one_success_each(env: &TestEnv, n: i64) {
+    let per_job: Vec<i64> = sqlx::query_scalar(
+        "SELECT count(e.seq) FROM jobs j LEFT JOIN job_events e ON e.job_id = j.id AND e.status = 'succeeded' GROUP BY j.id",
+    )
+    .fetch_all(&env.pool)
+    .await
+    .unwrap();
+    assert_eq!(per_job.len() as i64, n, "one row per job");
+    assert!(per_job.iter().all(|c| *c == 1), "every job succeeded exactly once: {per_job:?}");
+}
+
+async fn count(env: &TestEnv, status: &str) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = $1")
+        .bind(status)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_an_executor_mid_run_loses_nothing_and_succeeds_nothing_twice() {
+    let mut env = TestEnv::start().await;
+    env.start_predictor();
+    let mut victim = env.spawn_process("executor", &[("MLSCHED__EXECUTOR__CONCURRENCY", "8")]);
+    for _ in 0..200 {
+        env.submit("sleep", json!({"ms": 100})).await;
+    }
+    eventually("the executor to be busy", DEADLINE, || async {
+        (count(&env, "succeeded").await >= 20 && count(&env, "running").await > 0).then_some(())
+    })
+    .await;
+    victim.kill().unwrap(); // SIGKILL
+    victim.wait().unwrap();
+    let interrupted = count(&env, "running").await;
+    assert!(interrupted > 0, "the kill must interrupt running jobs");
+
+    env.start_executor();
+    env.wait_for_finished(200).await;
+    assert_eq!(count(&env, "succeeded").await, 200);
+    one_success_each(&env, 200).await;
+    let rerun: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE attempts > 1")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert!(rerun >= 1, "jobs interrupted by the kill ran again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
+    let mut env = TestEnv::start().await;
+    env.start_predictor();
+    let mut worker = env.spawn_process("executor", &[("MLSCHED__EXECUTOR__CONCURRENCY", "4")]);
+    let mut long = Vec::new();
+    for _ in 0..4 {
+        long.push(env.submit("sleep", json!({"ms": 1500})).await);
+    }
+    eventually("4 jobs running", DEADLINE, || async { (count(&env, "running").await == 4).then_some(()) }).await;
+    let mut waiting = Vec::new();
+    for _ in 0..4 {
+        waiting.push(env.submit("sleep", json!({"ms": 10})).await);
+    }
+    for id in &waiting {
+        env.wait_for_status(*id, "queued").await;
+    }
+    let pid = worker.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = eventually("the executor to exit", DEADLINE, || {
+        let exited = worker.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    for id in &long {
+        let row = env.row(*id).await.unwrap();
+        assert_eq!((row.status.as_str(), row.attempts), ("succeeded", 1), "{id} finished during the drain");
+    }
+    for id in &waiting {
+        assert_eq!(env.row(*id).await.unwrap().status, "queued", "no new work after SIGTERM");
+    }
+
+    env.start_executor();
+    for id in &waiting {
+        env.wait_for_status(*id, "succeeded").await;
+    }
+    for id in &long {
+        let runs = env.events(*id).await.iter().filter(|(s, _)| s == "running").count();
+        assert_eq!(runs, 1, "{id} was not run again");
+    }
+    one_success_each(&env, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_run_loses_nothing() {
+    let mut env = TestEnv::start().await;
+    env.start_predictor();
+    env.start_executor();
+    for _ in 0..300 {
+        env.submit("sleep", json!({"ms": 5})).await;
+    }
+    eventually("some progress", DEADLINE, || async { (count(&env, "succeeded").await >= 30).then_some(()) }).await;
+    env.nats.stop();
+    env.nats.resume().unwrap();
+    // The test's own client reconnects too; publishing works again.
+    let more = eventually("publishing after the restart", DEADLINE, || async {
+        let kind = mlsched::job::Kind::new("noop").unwrap();
+        let id = mlsched::job::JobId::new_v7();
+        let body = serde_json::to_vec(&json!({"id": id, "kind": "noop", "payload": {}})).unwrap();
+        let ack = env.js.publish(mlsched::job::submit_subject(&kind), body.into()).await.ok()?;
+        ack.await.ok().map(|_| id)
+    })
+    .await;
+    for _ in 0..99 {
+        env.submit("noop", json!({})).await;
+    }
+    env.wait_for_status(more, "succeeded").await;
+    env.wait_for_finished(400).await;
+    assert_eq!(count(&env, "succeeded").await, 400);
+    one_success_each(&env, 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_postgres_restart_holds_acks_and_then_resumes() {
+    let mut env = TestEnv::start_with_own_postgres().await;
+    env.start_predictor();
+    env.start_executor();
+    for _ in 0..300 {
+        env.submit("sleep", json!({"ms": 5})).await;
+    }
+    eventually("some progress", DEADLINE, || async { (count(&env, "succeeded").await >= 30).then_some(()) }).await;
+    env.own_postgres().stop();
+    for _ in 0..100 {
+        env.submit("noop", json!({})).await;
+    }
+    // Nothing can be recorded, so nothing is acked: the submissions stay in the stream.
+    assert!(env.stream_len("JOBS_SUBMIT").await >= 100);
+    env.own_postgres().resume().unwrap();
+    env.wait_for_finished(400).await;
+    assert_eq!(count(&env, "succeeded").await, 400);
+    one_success_each(&env, 400).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_that_exhausts_max_deliver_without_an_outcome_is_dead_lettered() {
+    let mut env = TestEnv::start().await;
+    // A short MaxDeliver and AckWait on the slow lane, so a "crashing" worker (this
+    // test: it takes the message and never answers) exhausts it quickly.
+    let defs = Definitions::builtin()
+        .unwrap()
+        .with_overrides(&json!({"JOBS_RUN/executor-slow": {"max_deliver": 3, "ack_wait": 500_000_000}}))
+        .unwrap();
+    mlsched::streams::apply(&env.client, &defs).await.unwrap();
+    let id = mlsched::job::JobId::new_v7();
+    let body = serde_json::to_vec(&json!({"id": id, "kind": "sleep", "payload": {"ms": 1}})).unwrap();
+    env.publish("jobs.run.slow.sleep", body, Some(&id.to_string())).await;
+
+    let consumer = env
+        .js
+        .get_stream("JOBS_RUN")
+        .await
+        .unwrap()
+        .get_consumer::<pull::Config>("executor-slow")
+        .await
+        .unwrap();
+    let mut deliveries = 0;
+    let mut pulls = 0;
+    while pulls < 20 {
+        pulls += 1;
+        let mut batch = consumer
+            .batch()
+            .max_messages(1)
+            .expires(Duration::from_secs(1))
+            .messages()
+            .await
+            .unwrap();
+        if let Some(Ok(m)) = batch.next().await {
+            deliveries = m.info().unwrap().delivered; // and never ack: a crash
+        }
+        let info = consumer.clone().info().await.unwrap().clone();
+        if deliveries >= 3 && info.num_ack_pending == 0 {
+            break;
+        }
+    }
+    assert_eq!(deliveries, 3, "the server stops at MaxDeliver");
+    assert_eq!(env.stream_len("JOBS_RUN").await, 1, "the message is stuck in the work queue");
+
+    env.start_executor(); // its dead-letterer handles the advisory
+    let dead = eventually("the dead letter", DEADLINE, || async {
+        env.dead_letters().await.into_iter().next()
+    })
+    .await;
+    assert!(dead.error.contains("MaxDeliver"), "{dead:?}");
+    assert_eq!(dead.attempts, "3");
+    assert_eq!(dead.subject, "jobs.dead.sleep");
+    let row = env.wait_for_status(id, "dead").await;
+    assert!(row.error.unwrap().contains("no outcome after 3 deliveries"));
+    eventually("the work queue to be empty", DEADLINE, || async {
+        (env.stream_len("JOBS_RUN").await == 0).then_some(())
+    })
+    .await;
+}

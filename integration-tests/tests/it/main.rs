@@ -1,0 +1,7 @@
+//! Integration tests: mlsched against real nats-server and PostgreSQL processes.
+//! One test binary; each test builds its own `TestEnv`.
+
+mod cli;
+mod faults;
+mod harness;
+mod pipeline;
