@@ -27,13 +27,19 @@ pub enum ConnectError {
     #[error("nats.url is invalid: {0}")]
     BadUrl(String),
     /// The server is older than 2.9.0 or has JetStream off.
-    #[error("nats-server {0} is not supported: mlsched needs 2.9.0 or newer with JetStream enabled")]
+    #[error(
+        "nats-server {0} is not supported: mlsched needs 2.9.0 or newer with JetStream enabled"
+    )]
     Unsupported(String),
 }
 
 /// Connects to NATS as `name`, retrying with backoff until the server answers or
 /// `cancel` fires. After that, the client reconnects on its own forever.
-pub async fn connect(settings: &NatsSettings, name: &str, cancel: &CancellationToken) -> Result<async_nats::Client, ConnectError> {
+pub async fn connect(
+    settings: &NatsSettings,
+    name: &str,
+    cancel: &CancellationToken,
+) -> Result<async_nats::Client, ConnectError> {
     let url = settings.url.expose().to_string();
     let mut delay = Duration::from_millis(200);
     loop {
@@ -44,9 +50,13 @@ pub async fn connect(settings: &NatsSettings, name: &str, cancel: &CancellationT
             .request_timeout(Some(Duration::from_millis(settings.request_timeout_ms)))
             .event_callback(|event| async move {
                 match event {
-                    async_nats::Event::Disconnected => tracing::warn!("NATS connection lost; reconnecting"),
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("NATS connection lost; reconnecting")
+                    }
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
-                    async_nats::Event::SlowConsumer(sid) => tracing::warn!(sid, "NATS slow consumer"),
+                    async_nats::Event::SlowConsumer(sid) => {
+                        tracing::warn!(sid, "NATS slow consumer")
+                    }
                     other => tracing::debug!(event = %other, "NATS event"),
                 }
             });
@@ -57,7 +67,8 @@ pub async fn connect(settings: &NatsSettings, name: &str, cancel: &CancellationT
         match attempt {
             Ok(client) => {
                 let info = client.server_info();
-                let ok = ServerVersion::parse(&info.version).is_some_and(|v| v >= ServerVersion(2, 9, 0));
+                let ok = ServerVersion::parse(&info.version)
+                    .is_some_and(|v| v >= ServerVersion(2, 9, 0));
                 if !ok || !info.jetstream {
                     return Err(ConnectError::Unsupported(info.version));
                 }
@@ -95,14 +106,24 @@ impl Producer {
 
     /// Sends one envelope with `Nats-Msg-Id` = `id` and returns the future of its
     /// publish ack; await it (a dropped ack future is a job you cannot vouch for).
-    pub async fn send(&self, subject: String, id: JobId, body: Bytes) -> Result<PublishAckFuture, async_nats::jetstream::context::PublishError> {
+    pub async fn send(
+        &self,
+        subject: String,
+        id: JobId,
+        body: Bytes,
+    ) -> Result<PublishAckFuture, async_nats::jetstream::context::PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(job::MSG_ID_HEADER, id.to_string().as_str());
         self.js.publish_with_headers(subject, headers, body).await
     }
 
     /// Builds the envelope body of a job of `kind` with `payload`.
-    pub fn envelope(id: JobId, kind: &Kind, payload: &serde_json::Value, features: Option<&serde_json::Value>) -> Bytes {
+    pub fn envelope(
+        id: JobId,
+        kind: &Kind,
+        payload: &serde_json::Value,
+        features: Option<&serde_json::Value>,
+    ) -> Bytes {
         let env = job::Envelope {
             id: Some(id),
             kind,

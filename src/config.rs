@@ -116,7 +116,7 @@ pub struct ExecutorSettings {
     /// Lanes this process consumes (`executor-<lane>` consumers). Default `["fast", "slow"]`.
     /// As an environment variable: `MLSCHED__EXECUTOR__LANES=fast,slow`.
     pub lanes: Vec<String>,
-    /// Jobs run at once per process (all lanes together). Default 64.
+    /// Jobs run at once per lane (each lane has its own consumer and slots). Default 64.
     pub concurrency: usize,
     /// Most messages asked for in one pull request. Default 128.
     pub fetch_batch: usize,
@@ -250,11 +250,17 @@ impl Settings {
     }
 
     /// [`Settings::load`] with the environment given explicitly (for tests).
-    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Settings, ConfigError> {
+    pub fn load_from(
+        file: Option<&Path>,
+        env: &[(String, String)],
+    ) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         match file {
             Some(path) => builder = builder.add_source(config::File::from(path).required(true)),
-            None => builder = builder.add_source(config::File::with_name("mlsched.toml").required(false)),
+            None => {
+                builder =
+                    builder.add_source(config::File::with_name("mlsched.toml").required(false))
+            }
         }
         let source: std::collections::HashMap<String, String> = env
             .iter()
@@ -294,10 +300,16 @@ impl Settings {
             }
         };
         positive("nats.request_timeout_ms", self.nats.request_timeout_ms);
-        positive("database.max_connections", self.database.max_connections.into());
+        positive(
+            "database.max_connections",
+            self.database.max_connections.into(),
+        );
         positive("executor.concurrency", self.executor.concurrency as u64);
         positive("executor.fetch_batch", self.executor.fetch_batch as u64);
-        positive("executor.default_timeout_ms", self.executor.default_timeout_ms);
+        positive(
+            "executor.default_timeout_ms",
+            self.executor.default_timeout_ms,
+        );
         positive("executor.heartbeat_ms", self.executor.heartbeat_ms);
         positive("predictor.batch_size", self.predictor.batch_size as u64);
         positive("retry.base_ms", self.retry.base_ms);
@@ -329,10 +341,16 @@ impl Settings {
         }
         let limit = crate::job::envelope::MAX_ATTEMPTS_LIMIT;
         if self.retry.max_attempts == 0 || self.retry.max_attempts > limit {
-            errs.push(format!("retry.max_attempts: must be 1..={limit}, got {}", self.retry.max_attempts));
+            errs.push(format!(
+                "retry.max_attempts: must be 1..={limit}, got {}",
+                self.retry.max_attempts
+            ));
         }
         if !matches!(self.log.format.as_str(), "text" | "json") {
-            errs.push(format!("log.format: must be \"text\" or \"json\", got {:?}", self.log.format));
+            errs.push(format!(
+                "log.format: must be \"text\" or \"json\", got {:?}",
+                self.log.format
+            ));
         }
         if errs.is_empty() {
             Ok(())
@@ -343,13 +361,22 @@ impl Settings {
 
     /// The executor's lanes, validated.
     pub fn executor_lanes(&self) -> Vec<Lane> {
-        self.executor.lanes.iter().filter_map(|l| Lane::new(l.as_str()).ok()).collect()
+        self.executor
+            .lanes
+            .iter()
+            .filter_map(|l| Lane::new(l.as_str()).ok())
+            .collect()
     }
 
     /// The lane the predictor routes `kind` to.
     pub fn lane_for(&self, kind: &Kind) -> Lane {
-        let name = self.predictor.lanes.get(kind.as_str()).unwrap_or(&self.predictor.default_lane);
-        Lane::new(name.as_str()).unwrap_or_else(|_| Lane::new("fast").expect("constant lane is valid"))
+        let name = self
+            .predictor
+            .lanes
+            .get(kind.as_str())
+            .unwrap_or(&self.predictor.default_lane);
+        Lane::new(name.as_str())
+            .unwrap_or_else(|_| Lane::new("fast").expect("constant lane is valid"))
     }
 
     /// The drain grace period.
@@ -363,7 +390,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     #[test]
@@ -393,7 +423,10 @@ mod tests {
         assert_eq!(s.lane_for(&Kind::new("train").unwrap()).as_str(), "gpu");
         assert_eq!(s.nats.url.expose(), "nats://nats:4222");
         assert_eq!(s.database.url.expose(), "postgres://db/x");
-        assert!(!format!("{s:?}").contains("postgres://db/x"), "secrets stay out of Debug");
+        assert!(
+            !format!("{s:?}").contains("postgres://db/x"),
+            "secrets stay out of Debug"
+        );
     }
 
     #[test]

@@ -35,7 +35,9 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str, log: &Path) -> io::Re
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    Err(io::Error::other(format!("{what} did not listen on port {port} within 30 s")))
+    Err(io::Error::other(format!(
+        "{what} did not listen on port {port} within 30 s"
+    )))
 }
 
 fn on_path(name: &str) -> Option<PathBuf> {
@@ -87,7 +89,16 @@ impl NatsServer {
         }
         let log = self.dir.join("nats-server.log");
         let mut child = Command::new(&self.binary)
-            .args(["-js", "-a", "127.0.0.1", "-p", &self.port.to_string(), "-m", &self.monitor_port.to_string(), "-sd"])
+            .args([
+                "-js",
+                "-a",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-m",
+                &self.monitor_port.to_string(),
+                "-sd",
+            ])
             .arg(self.dir.join("store"))
             .arg("-l")
             .arg(&log)
@@ -138,14 +149,20 @@ pub fn postgres_bin_dir() -> io::Result<PathBuf> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path().join("bin"))))
+        .filter_map(|e| {
+            Some((
+                e.file_name().to_str()?.parse::<u32>().ok()?,
+                e.path().join("bin"),
+            ))
+        })
         .filter(|(_, p)| p.join("initdb").is_file())
         .collect();
     versions.sort();
-    versions
-        .pop()
-        .map(|(_, p)| p)
-        .ok_or_else(|| io::Error::other("PostgreSQL server binaries not found: install them (apt-get install postgresql)"))
+    versions.pop().map(|(_, p)| p).ok_or_else(|| {
+        io::Error::other(
+            "PostgreSQL server binaries not found: install them (apt-get install postgresql)",
+        )
+    })
 }
 
 /// The uid and gid of the `postgres` user, read from /etc/passwd.
@@ -156,11 +173,17 @@ fn postgres_user() -> io::Result<(u32, u32)> {
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.first() == Some(&"postgres") && f.len() > 3)
         .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-        .ok_or_else(|| io::Error::other("running as root, but there is no `postgres` user to run PostgreSQL as"))
+        .ok_or_else(|| {
+            io::Error::other(
+                "running as root, but there is no `postgres` user to run PostgreSQL as",
+            )
+        })
 }
 
 fn is_root() -> bool {
-    std::fs::metadata("/proc/self").map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0).unwrap_or(false)
+    std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false)
 }
 
 /// A private PostgreSQL cluster with trust authentication on 127.0.0.1.
@@ -177,20 +200,38 @@ impl PgCluster {
     /// `durable = false` turns fsync off, for tests.
     pub fn start(dir: &Path, durable: bool) -> io::Result<PgCluster> {
         std::fs::create_dir_all(dir)?;
-        let user = if is_root() { Some(postgres_user()?) } else { None };
+        let user = if is_root() {
+            Some(postgres_user()?)
+        } else {
+            None
+        };
         if let Some((uid, gid)) = user {
+            check_reachable(dir, uid)?;
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
         }
         let bin = postgres_bin_dir()?;
         let data = dir.join("data");
         if !data.join("PG_VERSION").is_file() {
             let mut cmd = Command::new(bin.join("initdb"));
-            cmd.arg("-D").arg(&data).args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--locale=C"]);
+            cmd.arg("-D").arg(&data).args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--locale=C",
+            ]);
             let out = as_user(&mut cmd, user).output()?;
             if !out.status.success() {
-                return Err(io::Error::other(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr))));
+                return Err(io::Error::other(format!(
+                    "initdb failed: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )));
             }
-            let mut conf = String::from("listen_addresses = '127.0.0.1'\nmax_connections = 200\nshared_buffers = '128MB'\n");
+            let mut conf = String::from(
+                "listen_addresses = '127.0.0.1'\nmax_connections = 200\nshared_buffers = '128MB'\n",
+            );
             if !durable {
                 conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
             }
@@ -216,7 +257,10 @@ impl PgCluster {
             return Ok(());
         }
         let log = self.dir.join("postgres.log");
-        let logfile = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
+        let logfile = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
         if let Some((uid, gid)) = self.user {
             std::os::unix::fs::chown(&log, Some(uid), Some(gid))?;
         }
@@ -237,7 +281,9 @@ impl PgCluster {
     /// Stops the server with a fast shutdown (clients are disconnected).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-INT", &c.id().to_string()])
+                .status();
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {
@@ -260,6 +306,24 @@ impl Drop for PgCluster {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// As root, PostgreSQL runs as `postgres`, which must be able to reach `dir`.
+fn check_reachable(dir: &Path, uid: u32) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let dir = std::fs::canonicalize(dir)?;
+    for ancestor in dir.ancestors().skip(1) {
+        let m = std::fs::metadata(ancestor)?;
+        if m.mode() & 0o001 == 0 && m.uid() != uid {
+            return Err(io::Error::other(format!(
+                "PostgreSQL runs as the `postgres` user here, which cannot enter {} (mode {:o}): \
+                 choose a data folder it can reach, e.g. under /tmp",
+                ancestor.display(),
+                m.mode() & 0o777
+            )));
+        }
+    }
+    Ok(())
 }
 
 fn as_user(cmd: &mut Command, user: Option<(u32, u32)>) -> &mut Command {

@@ -60,7 +60,9 @@ pub enum StreamsError {
     #[error("nats-server {0} is too old: mlsched needs 2.9.0 or newer")]
     ServerTooOld(String),
     /// A definition uses a feature the connected server lacks.
-    #[error("{what} sets `{key}`, which needs nats-server {needs} or newer; the server is {server}")]
+    #[error(
+        "{what} sets `{key}`, which needs nats-server {needs} or newer; the server is {server}"
+    )]
     Unsupported {
         /// Stream or consumer name.
         what: String,
@@ -117,13 +119,32 @@ const BUILTIN_STREAMS: &[(&str, &str)] = &[
     ("JOBS_RUN", include_str!("../streams/JOBS_RUN.json")),
     ("JOBS_DEAD", include_str!("../streams/JOBS_DEAD.json")),
     ("JOBS_EVENTS", include_str!("../streams/JOBS_EVENTS.json")),
-    ("JOBS_ADVISORIES", include_str!("../streams/JOBS_ADVISORIES.json")),
+    (
+        "JOBS_ADVISORIES",
+        include_str!("../streams/JOBS_ADVISORIES.json"),
+    ),
 ];
 const BUILTIN_CONSUMERS: &[(&str, &str, &str)] = &[
-    ("JOBS_SUBMIT", "predictor", include_str!("../streams/JOBS_SUBMIT/predictor.json")),
-    ("JOBS_RUN", "executor-fast", include_str!("../streams/JOBS_RUN/executor-fast.json")),
-    ("JOBS_RUN", "executor-slow", include_str!("../streams/JOBS_RUN/executor-slow.json")),
-    ("JOBS_ADVISORIES", "dead-letterer", include_str!("../streams/JOBS_ADVISORIES/dead-letterer.json")),
+    (
+        "JOBS_SUBMIT",
+        "predictor",
+        include_str!("../streams/JOBS_SUBMIT/predictor.json"),
+    ),
+    (
+        "JOBS_RUN",
+        "executor-fast",
+        include_str!("../streams/JOBS_RUN/executor-fast.json"),
+    ),
+    (
+        "JOBS_RUN",
+        "executor-slow",
+        include_str!("../streams/JOBS_RUN/executor-slow.json"),
+    ),
+    (
+        "JOBS_ADVISORIES",
+        "dead-letterer",
+        include_str!("../streams/JOBS_ADVISORIES/dead-letterer.json"),
+    ),
 ];
 
 /// Keys that need a newer server than 2.9, and the version that added them.
@@ -166,7 +187,11 @@ impl ServerVersion {
     pub fn parse(s: &str) -> Option<ServerVersion> {
         let core = s.trim_start_matches('v').split(['-', '+']).next()?;
         let mut it = core.split('.').map(|p| p.parse::<u32>().ok());
-        Some(ServerVersion(it.next()??, it.next()??, it.next().flatten().unwrap_or(0)))
+        Some(ServerVersion(
+            it.next()??,
+            it.next()??,
+            it.next().flatten().unwrap_or(0),
+        ))
     }
 
     /// The version of the server `client` is connected to.
@@ -221,19 +246,35 @@ impl Definitions {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
-        for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+        for path in entries
+            .iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+        {
             let config = parse_object(&path.display().to_string(), &read(path)?)?;
-            let name = config.get("name").and_then(Value::as_str).unwrap_or_default().to_string();
+            let name = config
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string();
             streams.push(StreamDef { name, config });
         }
         for stream in &streams {
             let sub = dir.join(&stream.name);
-            let Ok(rd) = std::fs::read_dir(&sub) else { continue };
+            let Ok(rd) = std::fs::read_dir(&sub) else {
+                continue;
+            };
             let mut files: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
             files.sort();
-            for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
+            for path in files
+                .iter()
+                .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            {
                 let config = parse_object(&path.display().to_string(), &read(path)?)?;
-                let name = config.get("durable_name").and_then(Value::as_str).unwrap_or_default().to_string();
+                let name = config
+                    .get("durable_name")
+                    .and_then(Value::as_str)
+                    .unwrap_or_default()
+                    .to_string();
                 consumers.push(ConsumerDef {
                     stream: stream.name.clone(),
                     name,
@@ -247,7 +288,11 @@ impl Definitions {
     /// Adds an `executor-<lane>` consumer for each lane that has none, shaped like
     /// `executor-fast` with the lane's filter.
     pub fn with_lanes(mut self, lanes: &[Lane]) -> Self {
-        let template = self.consumers.iter().find(|c| c.name == "executor-fast").cloned();
+        let template = self
+            .consumers
+            .iter()
+            .find(|c| c.name == "executor-fast")
+            .cloned();
         for lane in lanes {
             let name = crate::job::executor_consumer(lane);
             if self.consumers.iter().any(|c| c.name == name) {
@@ -255,8 +300,12 @@ impl Definitions {
             }
             if let Some(mut c) = template.clone() {
                 c.config.insert("durable_name".into(), json!(name));
-                c.config.insert("description".into(), json!(format!("Executors of the {lane} lane")));
-                c.config.insert("filter_subject".into(), json!(format!("jobs.run.{lane}.*")));
+                c.config.insert(
+                    "description".into(),
+                    json!(format!("Executors of the {lane} lane")),
+                );
+                c.config
+                    .insert("filter_subject".into(), json!(format!("jobs.run.{lane}.*")));
                 c.name = name;
                 self.consumers.push(c);
             }
@@ -318,7 +367,11 @@ impl Definitions {
             .streams
             .iter()
             .map(|s| (s.name.clone(), &s.config))
-            .chain(self.consumers.iter().map(|c| (format!("{}/{}", c.stream, c.name), &c.config)));
+            .chain(
+                self.consumers
+                    .iter()
+                    .map(|c| (format!("{}/{}", c.stream, c.name), &c.config)),
+            );
         for (what, config) in objects {
             for (key, needs) in NEWER_KEYS {
                 let needed = ServerVersion::parse(needs).unwrap_or(ServerVersion(99, 0, 0));
@@ -343,17 +396,26 @@ fn differing_keys(desired: &Map<String, Value>, current: &Map<String, Value>) ->
         .filter(|(k, v)| current.get(k.as_str()) != Some(v))
         .filter(|(k, v)| {
             // The server omits empty descriptions and zero values it treats as unset.
-            !(current.get(k.as_str()).is_none() && (v.as_str() == Some("") || v.as_i64() == Some(0)))
+            !(current.get(k.as_str()).is_none()
+                && (v.as_str() == Some("") || v.as_i64() == Some(0)))
         })
         .map(|(k, _)| k.clone())
         .collect()
 }
 
-async fn api(js: &jetstream::Context, what: &str, subject: String, body: Value) -> Result<Option<Map<String, Value>>, StreamsError> {
-    let resp: Value = js.request(subject, &body).await.map_err(|source| StreamsError::Request {
-        what: what.to_string(),
-        source,
-    })?;
+async fn api(
+    js: &jetstream::Context,
+    what: &str,
+    subject: String,
+    body: Value,
+) -> Result<Option<Map<String, Value>>, StreamsError> {
+    let resp: Value = js
+        .request(subject, &body)
+        .await
+        .map_err(|source| StreamsError::Request {
+            what: what.to_string(),
+            source,
+        })?;
     if let Some(err) = resp.get("error") {
         let code = err.get("err_code").and_then(Value::as_u64).unwrap_or(0);
         let http = err.get("code").and_then(Value::as_u64).unwrap_or(0);
@@ -364,13 +426,22 @@ async fn api(js: &jetstream::Context, what: &str, subject: String, body: Value) 
         return Err(StreamsError::Api {
             what: what.to_string(),
             code,
-            description: err.get("description").and_then(Value::as_str).unwrap_or("").to_string(),
+            description: err
+                .get("description")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_string(),
         });
     }
     Ok(resp.get("config").and_then(Value::as_object).cloned())
 }
 
-fn verify_kept(what: &str, desired: &Map<String, Value>, got: &Map<String, Value>, server: ServerVersion) -> Result<(), StreamsError> {
+fn verify_kept(
+    what: &str,
+    desired: &Map<String, Value>,
+    got: &Map<String, Value>,
+    server: ServerVersion,
+) -> Result<(), StreamsError> {
     let lost = differing_keys(desired, got);
     match lost.first() {
         None => Ok(()),
@@ -385,9 +456,13 @@ fn verify_kept(what: &str, desired: &Map<String, Value>, got: &Map<String, Value
 
 /// Creates or updates every stream and consumer in `defs`. Idempotent: a definition
 /// that matches the server is left alone and reported [`Change::Unchanged`].
-pub async fn apply(client: &async_nats::Client, defs: &Definitions) -> Result<Vec<Change>, StreamsError> {
+pub async fn apply(
+    client: &async_nats::Client,
+    defs: &Definitions,
+) -> Result<Vec<Change>, StreamsError> {
     let version_text = client.server_info().version;
-    let server = ServerVersion::parse(&version_text).ok_or_else(|| StreamsError::ServerTooOld(version_text.clone()))?;
+    let server = ServerVersion::parse(&version_text)
+        .ok_or_else(|| StreamsError::ServerTooOld(version_text.clone()))?;
     if server < ServerVersion(2, 9, 0) {
         return Err(StreamsError::ServerTooOld(version_text));
     }
@@ -399,7 +474,13 @@ pub async fn apply(client: &async_nats::Client, defs: &Definitions) -> Result<Ve
         let current = api(&js, name, format!("STREAM.INFO.{name}"), json!({})).await?;
         let change = match current {
             None => {
-                let got = api(&js, name, format!("STREAM.CREATE.{name}"), Value::Object(s.config.clone())).await?;
+                let got = api(
+                    &js,
+                    name,
+                    format!("STREAM.CREATE.{name}"),
+                    Value::Object(s.config.clone()),
+                )
+                .await?;
                 verify_kept(name, &s.config, &got.unwrap_or_default(), server)?;
                 Change::Created(name.clone())
             }
@@ -410,7 +491,13 @@ pub async fn apply(client: &async_nats::Client, defs: &Definitions) -> Result<Ve
                 } else {
                     let mut merged = cur.clone();
                     merged.extend(s.config.clone());
-                    let got = api(&js, name, format!("STREAM.UPDATE.{name}"), Value::Object(merged)).await?;
+                    let got = api(
+                        &js,
+                        name,
+                        format!("STREAM.UPDATE.{name}"),
+                        Value::Object(merged),
+                    )
+                    .await?;
                     verify_kept(name, &s.config, &got.unwrap_or_default(), server)?;
                     Change::Updated(name.clone(), keys)
                 }
@@ -420,7 +507,13 @@ pub async fn apply(client: &async_nats::Client, defs: &Definitions) -> Result<Ve
     }
     for c in &defs.consumers {
         let what = format!("{}/{}", c.stream, c.name);
-        let current = api(&js, &what, format!("CONSUMER.INFO.{}.{}", c.stream, c.name), json!({})).await?;
+        let current = api(
+            &js,
+            &what,
+            format!("CONSUMER.INFO.{}.{}", c.stream, c.name),
+            json!({}),
+        )
+        .await?;
         let create = |config: Map<String, Value>| {
             api(
                 &js,
@@ -467,8 +560,9 @@ mod tests {
             assert_eq!(cfg.name, s.name);
         }
         for c in &defs.consumers {
-            let cfg: consumer::pull::Config = serde_json::from_value(Value::Object(c.config.clone()))
-                .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+            let cfg: consumer::pull::Config =
+                serde_json::from_value(Value::Object(c.config.clone()))
+                    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
             assert_eq!(cfg.durable_name.as_deref(), Some(c.name.as_str()));
             assert!(defs.streams.iter().any(|s| s.name == c.stream));
         }
@@ -481,7 +575,11 @@ mod tests {
         let builtin = Definitions::builtin().unwrap();
         let names = |d: &Definitions| {
             let mut v: Vec<String> = d.streams.iter().map(|s| s.name.clone()).collect();
-            v.extend(d.consumers.iter().map(|c| format!("{}/{}", c.stream, c.name)));
+            v.extend(
+                d.consumers
+                    .iter()
+                    .map(|c| format!("{}/{}", c.stream, c.name)),
+            );
             v.sort();
             v
         };
@@ -496,7 +594,11 @@ mod tests {
         assert_eq!(get("JOBS_RUN")["retention"], "workqueue");
         assert_eq!(get("JOBS_DEAD")["retention"], "limits");
         assert!(get("JOBS_SUBMIT")["duplicate_window"].as_u64().unwrap() >= 120_000_000_000);
-        let exec = defs.consumers.iter().find(|c| c.name == "executor-fast").unwrap();
+        let exec = defs
+            .consumers
+            .iter()
+            .find(|c| c.name == "executor-fast")
+            .unwrap();
         assert_eq!(
             exec.config["max_deliver"].as_u64().unwrap(),
             u64::from(crate::job::envelope::MAX_ATTEMPTS_LIMIT)
@@ -509,23 +611,43 @@ mod tests {
         let defs = Definitions::builtin()
             .unwrap()
             .with_lanes(&[gpu])
-            .with_overrides(&json!({"*": {"num_replicas": 3}, "JOBS_RUN/executor-gpu": {"max_ack_pending": 5}}))
+            .with_overrides(
+                &json!({"*": {"num_replicas": 3}, "JOBS_RUN/executor-gpu": {"max_ack_pending": 5}}),
+            )
             .unwrap();
-        let c = defs.consumers.iter().find(|c| c.name == "executor-gpu").unwrap();
+        let c = defs
+            .consumers
+            .iter()
+            .find(|c| c.name == "executor-gpu")
+            .unwrap();
         assert_eq!(c.config["filter_subject"], "jobs.run.gpu.*");
         assert_eq!(c.config["max_ack_pending"], 5);
         assert!(defs.streams.iter().all(|s| s.config["num_replicas"] == 3));
-        let err = Definitions::builtin().unwrap().with_overrides(&json!({"NOPE": {}})).unwrap_err();
+        let err = Definitions::builtin()
+            .unwrap()
+            .with_overrides(&json!({"NOPE": {}}))
+            .unwrap_err();
         assert!(err.to_string().contains("NOPE"));
     }
 
     #[test]
     fn newer_keys_are_refused_on_old_servers() {
         let mut defs = Definitions::builtin().unwrap();
-        defs.streams[0].config.insert("compression".into(), json!("s2"));
-        let err = defs.check_supported(ServerVersion(2, 9, 10)).unwrap_err().to_string();
-        assert!(err.contains("compression") && err.contains("2.10.0"), "{err}");
+        defs.streams[0]
+            .config
+            .insert("compression".into(), json!("s2"));
+        let err = defs
+            .check_supported(ServerVersion(2, 9, 10))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("compression") && err.contains("2.10.0"),
+            "{err}"
+        );
         assert!(defs.check_supported(ServerVersion(2, 12, 8)).is_ok());
-        assert_eq!(ServerVersion::parse("2.10.25-beta"), Some(ServerVersion(2, 10, 25)));
+        assert_eq!(
+            ServerVersion::parse("2.10.25-beta"),
+            Some(ServerVersion(2, 10, 25))
+        );
     }
 }

@@ -6,9 +6,9 @@
 //! this one), submits a demo workload and prints a summary. `--keep-running` leaves
 //! everything up until Ctrl-C.
 
+use std::future::IntoFuture;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
@@ -45,7 +45,9 @@ struct Workers(Vec<(String, Child)>);
 impl Workers {
     fn stop(&mut self) {
         for (_, c) in &self.0 {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
         }
         for (name, c) in &mut self.0 {
             match c.wait() {
@@ -68,13 +70,20 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe().context("locating this executable")?;
     let path = exe.with_file_name(name);
     if !path.is_file() {
-        bail!("{} not found next to {}: build the workspace (cargo build --release)", name, exe.display());
+        bail!(
+            "{} not found next to {}: build the workspace (cargo build --release)",
+            name,
+            exe.display()
+        );
     }
     Ok(path)
 }
 
 pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result<()> {
-    let data = args.data_dir.clone().unwrap_or_else(|| std::env::temp_dir().join("mlsched-dev"));
+    let data = args
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| std::env::temp_dir().join("mlsched-dev"));
     if data.exists() {
         std::fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
     }
@@ -82,7 +91,11 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
 
     let _nats = if std::env::var_os("NATS_URL").is_none() {
         let server = NatsServer::start(&stack::nats_server_binary()?, &data.join("nats"))?;
-        println!("nats-server      {}  (monitoring {})", server.url(), server.monitor_url());
+        println!(
+            "nats-server      {}  (monitoring {})",
+            server.url(),
+            server.monitor_url()
+        );
         settings.nats.url = Secret::new(server.url());
         Some(server)
     } else {
@@ -91,7 +104,9 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
     let _pg = if std::env::var_os("DATABASE_URL").is_none() {
         let cluster = PgCluster::start(&data.join("pg"), false)?;
         let admin = PgPool::connect(&cluster.url("postgres")).await?;
-        sqlx::query("CREATE DATABASE mlsched").execute(&admin).await?;
+        sqlx::query("CREATE DATABASE mlsched")
+            .execute(&admin)
+            .await?;
         admin.close().await;
         settings.database.url = Secret::new(cluster.url("mlsched"));
         println!("postgres         {}", cluster.url("mlsched"));
@@ -127,23 +142,41 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
         if std::env::var_os("MLSCHED__RETRY__BASE_MS").is_none() {
             cmd.env("MLSCHED__RETRY__BASE_MS", "200");
         }
-        workers.0.push((name, cmd.spawn().with_context(|| format!("starting {bin}"))?));
+        workers.0.push((
+            name,
+            cmd.spawn().with_context(|| format!("starting {bin}"))?,
+        ));
         Ok(())
     };
     spawn("mlsched-predictor", "predictor".into())?;
     for i in 1..=args.executors {
         spawn("mlsched-executor", format!("executor-{i}"))?;
     }
-    println!("workers          predictor + {} executor(s); logs in {}", args.executors, data.join("logs").display());
+    let pids: Vec<String> = workers
+        .0
+        .iter()
+        .map(|(n, c)| format!("{n} (pid {})", c.id()))
+        .collect();
+    println!(
+        "workers          {}; logs in {}",
+        pids.join(", "),
+        data.join("logs").display()
+    );
 
     if args.jobs > 0 {
         demo(&client, &pool, args.jobs).await?;
     }
     if args.keep_running {
         println!("\nThe stack is running. Publish a job from anywhere:");
-        println!("  NATS_URL={} mlsched submit --kind sleep --payload '{{\"ms\": 100}}' --wait", settings.nats.url.expose());
+        println!(
+            "  NATS_URL={} mlsched submit --kind sleep --payload '{{\"ms\": 100}}' --wait",
+            settings.nats.url.expose()
+        );
         println!("  or with any NATS client: publish {{\"kind\":\"noop\",\"payload\":{{}}}} to jobs.submit.noop (README: publishing jobs)");
-        println!("  DATABASE_URL={} mlsched status <id>", settings.database.url.expose());
+        println!(
+            "  DATABASE_URL={} mlsched status <id>",
+            settings.database.url.expose()
+        );
         println!("Ctrl-C stops everything.");
         crate::runtime::shutdown_signal().await;
     }
@@ -171,7 +204,10 @@ const MALFORMED: &[(&str, &[u8])] = &[
     ("noop", b"this is not json"),
     ("noop", br#"{"kind":"noop"}"#),
     ("noop", br#"{"kind":"cpu","payload":{}}"#),
-    ("sleep", br#"{"kind":"sleep","payload":{},"max_attempts":0}"#),
+    (
+        "sleep",
+        br#"{"kind":"sleep","payload":{},"max_attempts":0}"#,
+    ),
     ("cpu", b"\xff\xfe\x00"),
 ];
 
@@ -188,7 +224,16 @@ async fn demo(client: &async_nats::Client, pool: &PgPool, n: u64) -> anyhow::Res
         if let Some(m) = max_attempts {
             env["max_attempts"] = (*m).into();
         }
-        acks.push(producer.send(job::submit_subject(kind), id, serde_json::to_vec(&env)?.into()).await?.into_future());
+        acks.push(
+            producer
+                .send(
+                    job::submit_subject(kind),
+                    id,
+                    serde_json::to_vec(&env)?.into(),
+                )
+                .await?
+                .into_future(),
+        );
         ids.push(id.0);
         if acks.len() >= 1024 {
             if let Some(a) = acks.next().await {
@@ -203,7 +248,9 @@ async fn demo(client: &async_nats::Client, pool: &PgPool, n: u64) -> anyhow::Res
     }
     let js = async_nats::jetstream::new(client.clone());
     for (kind, body) in MALFORMED {
-        js.publish(format!("jobs.submit.{kind}"), body.to_vec().into()).await?.await?;
+        js.publish(format!("jobs.submit.{kind}"), body.to_vec().into())
+            .await?
+            .await?;
     }
     bar.finish_and_clear();
     println!(
@@ -234,7 +281,11 @@ async fn demo(client: &async_nats::Client, pool: &PgPool, n: u64) -> anyhow::Res
     summary(client, pool, &ids).await
 }
 
-async fn summary(client: &async_nats::Client, pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<()> {
+async fn summary(
+    client: &async_nats::Client,
+    pool: &PgPool,
+    ids: &[uuid::Uuid],
+) -> anyhow::Result<()> {
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok,
                 count(*) FILTER (WHERE status = 'dead') AS dead,
@@ -252,16 +303,29 @@ async fn summary(client: &async_nats::Client, pool: &PgPool, ids: &[uuid::Uuid])
     let dead: i64 = row.try_get("dead")?;
     let retried: i64 = row.try_get("retried")?;
     let span: f64 = row.try_get::<Option<f64>, _>("span_s")?.unwrap_or(0.0);
-    let wait: Vec<f64> = row.try_get::<Option<Vec<f64>>, _>("wait_ms")?.unwrap_or_default();
-    let run: Vec<f64> = row.try_get::<Option<Vec<f64>>, _>("run_ms")?.unwrap_or_default();
+    let wait: Vec<f64> = row
+        .try_get::<Option<Vec<f64>>, _>("wait_ms")?
+        .unwrap_or_default();
+    let run: Vec<f64> = row
+        .try_get::<Option<Vec<f64>>, _>("run_ms")?
+        .unwrap_or_default();
     let js = async_nats::jetstream::new(client.clone());
-    let dead_letters = js.get_stream(job::DEAD_STREAM).await?.info().await?.state.messages;
+    let dead_letters = js
+        .get_stream(job::DEAD_STREAM)
+        .await?
+        .info()
+        .await?
+        .state
+        .messages;
     let pct = |v: &[f64]| match v {
         [a, b, c] => format!("p50 {a:.1} ms   p95 {b:.1} ms   p99 {c:.1} ms"),
         _ => "-".into(),
     };
     println!();
-    println!("jobs             {} ({ok} succeeded, {dead} dead, {retried} retried at least once)", ids.len());
+    println!(
+        "jobs             {} ({ok} succeeded, {dead} dead, {retried} retried at least once)",
+        ids.len()
+    );
     println!(
         "throughput       {:.0} jobs/s end to end ({span:.2}s from first submit to last finish)",
         ids.len() as f64 / span.max(1e-9)

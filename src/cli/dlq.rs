@@ -56,7 +56,12 @@ struct Dead {
 
 impl From<jetstream::message::StreamMessage> for Dead {
     fn from(msg: jetstream::message::StreamMessage) -> Dead {
-        let header = |name: &str| msg.headers.get(name).map(|v| v.as_str().to_string()).unwrap_or_default();
+        let header = |name: &str| {
+            msg.headers
+                .get(name)
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        };
         Dead {
             seq: msg.sequence,
             subject: msg.subject.to_string(),
@@ -77,9 +82,22 @@ async fn scan(stream: &Stream, kind: Option<&str>, limit: usize) -> anyhow::Resu
     let mut out = Vec::new();
     let mut seq = 1;
     while out.len() < limit {
-        let msg = match stream.raw_message_builder().sequence(seq).next_by_subject(filter.clone()).send().await {
+        let msg = match stream
+            .raw_message_builder()
+            .sequence(seq)
+            .next_by_subject(filter.clone())
+            .send()
+            .await
+        {
             Ok(m) => m,
-            Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => break,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::stream::RawMessageErrorKind::NoMessageFound
+                ) =>
+            {
+                break
+            }
             Err(e) => return Err(e).context("reading JOBS_DEAD"),
         };
         seq = msg.sequence + 1;
@@ -91,12 +109,18 @@ async fn scan(stream: &Stream, kind: Option<&str>, limit: usize) -> anyhow::Resu
 pub(super) async fn run(command: DlqCommand, settings: Settings) -> anyhow::Result<()> {
     let client = super::nats(&settings).await?;
     let js = jetstream::new(client.clone());
-    let stream = js.get_stream(job::DEAD_STREAM).await.context("JOBS_DEAD (run `mlsched streams apply`)")?;
+    let stream = js
+        .get_stream(job::DEAD_STREAM)
+        .await
+        .context("JOBS_DEAD (run `mlsched streams apply`)")?;
     match command {
         DlqCommand::List { kind, limit } => {
             let dead = scan(&stream, kind.as_deref(), limit).await?;
             for d in &dead {
-                println!("#{:<8} {}  {}  attempts={}  from {}", d.seq, d.time, d.subject, d.attempts, d.original);
+                println!(
+                    "#{:<8} {}  {}  attempts={}  from {}",
+                    d.seq, d.time, d.subject, d.attempts, d.original
+                );
                 println!("          {}", d.error);
             }
             println!("{} dead letter(s) shown", dead.len());
@@ -110,7 +134,10 @@ pub(super) async fn run(command: DlqCommand, settings: Settings) -> anyhow::Resu
                 }
                 let mut v = Vec::new();
                 for s in seqs {
-                    let msg = stream.get_raw_message(s).await.with_context(|| format!("no dead letter #{s}"))?;
+                    let msg = stream
+                        .get_raw_message(s)
+                        .await
+                        .with_context(|| format!("no dead letter #{s}"))?;
                     v.push(Dead::from(msg));
                 }
                 v
@@ -119,14 +146,18 @@ pub(super) async fn run(command: DlqCommand, settings: Settings) -> anyhow::Resu
             let (mut retried, mut skipped) = (0, 0);
             for d in dead {
                 let kind_token = job::kind_token(&d.subject).to_string();
-                let old = match Job::parse(&kind_token, &d.payload, IdSource::Derived(JobId::new_v7())) {
-                    Ok(j) => j,
-                    Err(e) => {
-                        println!("#{}: not retried: {e}; fix the body and submit it again", d.seq);
-                        skipped += 1;
-                        continue;
-                    }
-                };
+                let old =
+                    match Job::parse(&kind_token, &d.payload, IdSource::Derived(JobId::new_v7())) {
+                        Ok(j) => j,
+                        Err(e) => {
+                            println!(
+                                "#{}: not retried: {e}; fix the body and submit it again",
+                                d.seq
+                            );
+                            skipped += 1;
+                            continue;
+                        }
+                    };
                 let mut job = old.clone();
                 job.id = JobId::new_v7();
                 job.extra.retain(|(k, _)| k != "retry_of");
@@ -136,7 +167,10 @@ pub(super) async fn run(command: DlqCommand, settings: Settings) -> anyhow::Resu
                     .send(job::submit_subject(&job.kind), job.id, job.to_json().into())
                     .await?;
                 ack.await.context("resubmission not acknowledged")?;
-                stream.delete_message(d.seq).await.context("removing the dead letter")?;
+                stream
+                    .delete_message(d.seq)
+                    .await
+                    .context("removing the dead letter")?;
                 println!("#{}: resubmitted {} as {}", d.seq, old.id, job.id);
                 retried += 1;
             }
@@ -144,7 +178,12 @@ pub(super) async fn run(command: DlqCommand, settings: Settings) -> anyhow::Resu
         }
         DlqCommand::Purge { kind } => {
             let resp = match kind {
-                Some(k) => stream.purge().filter(job::dead_subject(job::Kind::new(k)?.as_str())).await?,
+                Some(k) => {
+                    stream
+                        .purge()
+                        .filter(job::dead_subject(job::Kind::new(k)?.as_str()))
+                        .await?
+                }
                 None => stream.purge().await?,
             };
             println!("purged {} dead letter(s)", resp.purged);

@@ -25,14 +25,22 @@ pub(super) async fn status(args: StatusArgs, settings: Settings) -> anyhow::Resu
     let Some(row) = store::job(&pool, id).await.context("reading the job")? else {
         anyhow::bail!("no job {id} in the database");
     };
-    let events = store::events(&pool, id).await.context("reading the job's events")?;
+    let events = store::events(&pool, id)
+        .await
+        .context("reading the job's events")?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&serde_json::json!({"job": row, "events": events}))?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"job": row, "events": events}))?
+        );
         return Ok(());
     }
     println!("id            {}", row.id);
     println!("kind / lane   {} / {}", row.kind, row.lane);
-    println!("status        {} (attempt {} of {})", row.status, row.attempts, row.max_attempts);
+    println!(
+        "status        {} (attempt {} of {})",
+        row.status, row.attempts, row.max_attempts
+    );
     println!("submitted     {}", row.submitted_at);
     if let Some(t) = row.started_at {
         println!("started       {t}");
@@ -67,24 +75,26 @@ pub(super) async fn queues(settings: Settings) -> anyhow::Result<()> {
         "{:<16} {:<16} {:>9} {:>9} {:>9} {:>11} {:>8}",
         "STREAM", "CONSUMER", "MESSAGES", "PENDING", "ACK-PEND", "REDELIVERED", "WAITING"
     );
-    let mut streams: Vec<_> = js.streams().try_collect().await.context("listing streams")?;
+    let mut streams: Vec<_> = js
+        .streams()
+        .try_collect()
+        .await
+        .context("listing streams")?;
     streams.sort_by(|a, b| a.config.name.cmp(&b.config.name));
     for info in streams {
         let name = info.config.name.clone();
         println!("{:<16} {:<16} {:>9}", name, "-", info.state.messages);
         let stream = js.get_stream(&name).await?;
-        let mut consumers: Vec<_> = stream.consumers().try_collect().await.context("listing consumers")?;
+        let mut consumers: Vec<_> = stream
+            .consumers()
+            .try_collect()
+            .await
+            .context("listing consumers")?;
         consumers.sort_by(|a, b| a.name.cmp(&b.name));
         for c in consumers {
             println!(
                 "{:<16} {:<16} {:>9} {:>9} {:>9} {:>11} {:>8}",
-                "",
-                c.name,
-                "",
-                c.num_pending,
-                c.num_ack_pending,
-                c.num_redelivered,
-                c.num_waiting
+                "", c.name, "", c.num_pending, c.num_ack_pending, c.num_redelivered, c.num_waiting
             );
         }
     }

@@ -50,7 +50,8 @@ const WINDOW: usize = 2048;
 
 pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<()> {
     let kind = Kind::new(args.kind.as_str())?;
-    let payload: serde_json::Value = serde_json::from_str(&args.payload).context("--payload is not JSON")?;
+    let payload: serde_json::Value =
+        serde_json::from_str(&args.payload).context("--payload is not JSON")?;
     let features: Option<serde_json::Value> = match &args.features {
         Some(f) => Some(serde_json::from_str(f).context("--features is not JSON")?),
         None => None,
@@ -84,7 +85,12 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
             env["timeout_ms"] = t.into();
         }
         let body = serde_json::to_vec(&env)?;
-        acks.push(producer.send(subject.clone(), id, body.into()).await?.into_future());
+        acks.push(
+            producer
+                .send(subject.clone(), id, body.into())
+                .await?
+                .into_future(),
+        );
         ids.push(id);
         while acks.len() >= WINDOW {
             if let Some(ack) = acks.next().await {
@@ -102,10 +108,16 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
     if args.count == 1 {
         println!("{}", ids[0]);
     } else {
-        println!("submitted {} jobs to {subject} in {secs:.2}s ({:.0}/s)", args.count, args.count as f64 / secs);
+        println!(
+            "submitted {} jobs to {subject} in {secs:.2}s ({:.0}/s)",
+            args.count,
+            args.count as f64 / secs
+        );
     }
 
-    let Some(events) = events.as_mut() else { return Ok(()) };
+    let Some(events) = events.as_mut() else {
+        return Ok(());
+    };
     let mut open: HashMap<JobId, ()> = ids.iter().map(|id| (*id, ())).collect();
     let mut outcomes: HashMap<Status, u64> = HashMap::new();
     let mut last_error: HashMap<JobId, String> = HashMap::new();
@@ -116,8 +128,12 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
             m = events.next() => m,
             _ = tokio::time::sleep_until(deadline) => bail!("{} jobs still unfinished after {}s", open.len(), args.wait_timeout_s),
         };
-        let Some(msg) = msg else { bail!("event subscription closed") };
-        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else { continue };
+        let Some(msg) = msg else {
+            bail!("event subscription closed")
+        };
+        let Ok(ev) = serde_json::from_slice::<serde_json::Value>(&msg.payload) else {
+            continue;
+        };
         let (Some(id), Some(status)) = (
             ev["id"].as_str().and_then(|s| s.parse::<JobId>().ok()),
             ev["status"].as_str().and_then(|s| s.parse::<Status>().ok()),
@@ -134,7 +150,11 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
     }
     bar.finish_and_clear();
     if args.count == 1 {
-        let (status, _) = outcomes.iter().next().map(|(s, n)| (*s, *n)).unwrap_or((Status::Dead, 0));
+        let (status, _) = outcomes
+            .iter()
+            .next()
+            .map(|(s, n)| (*s, *n))
+            .unwrap_or((Status::Dead, 0));
         match last_error.get(&ids[0]) {
             Some(e) if status != Status::Succeeded => println!("{status}: {e}"),
             _ => println!("{status}"),
@@ -142,7 +162,11 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
     } else {
         let mut parts: Vec<String> = outcomes.iter().map(|(s, n)| format!("{n} {s}")).collect();
         parts.sort();
-        println!("finished in {:.2}s: {}", started.elapsed().as_secs_f64(), parts.join(", "));
+        println!(
+            "finished in {:.2}s: {}",
+            started.elapsed().as_secs_f64(),
+            parts.join(", ")
+        );
     }
     Ok(())
 }
@@ -152,7 +176,9 @@ pub(super) fn progress(len: u64, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    if let Ok(style) = ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}") {
+    if let Ok(style) =
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+    {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());

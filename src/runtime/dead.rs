@@ -43,7 +43,11 @@ pub async fn dead_letter(
     attempts: i64,
 ) -> Result<(), PublishError> {
     let token = job::kind_token(subject);
-    let token = if Kind::new(token).is_ok() { token } else { job::INVALID_KIND_TOKEN };
+    let token = if Kind::new(token).is_ok() {
+        token
+    } else {
+        job::INVALID_KIND_TOKEN
+    };
     let mut out = HeaderMap::new();
     if let Some(h) = headers {
         for (name, values) in h.iter() {
@@ -60,7 +64,9 @@ pub async fn dead_letter(
     out.insert(job::ERROR_HEADER, header_safe(error).as_str());
     out.insert(job::ATTEMPTS_HEADER, attempts.to_string().as_str());
     out.insert(job::SUBJECT_HEADER, subject);
-    js.publish_with_headers(job::dead_subject(token), out, payload).await?.await?;
+    js.publish_with_headers(job::dead_subject(token), out, payload)
+        .await?
+        .await?;
     Ok(())
 }
 
@@ -82,12 +88,17 @@ pub struct DeadLetterer {
 impl DeadLetterer {
     /// A dead-letterer that records dead jobs through `writer`.
     pub fn new(client: async_nats::Client, writer: Writer, settings: Settings) -> DeadLetterer {
-        DeadLetterer { client, writer, settings }
+        DeadLetterer {
+            client,
+            writer,
+            settings,
+        }
     }
 
     /// Handles advisories until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
-        let mut fetcher = Fetcher::new(self.client.clone(), job::ADVISORY_STREAM, "dead-letterer").expires(Duration::from_secs(5));
+        let mut fetcher = Fetcher::new(self.client.clone(), job::ADVISORY_STREAM, "dead-letterer")
+            .expires(Duration::from_secs(5));
         let js = jetstream::new(self.client.clone());
         while let Some(mut batch) = fetcher.batch(16, &cancel).await {
             loop {
@@ -107,7 +118,8 @@ impl DeadLetterer {
                     Ok(()) => msg.ack().await,
                     Err(e) => {
                         tracing::warn!(error = %e, "dead-lettering after MaxDeliver failed; will retry");
-                        msg.ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1)))).await
+                        msg.ack_with(jetstream::AckKind::Nak(Some(Duration::from_secs(1))))
+                            .await
                     }
                 };
                 if let Err(e) = ack {
@@ -117,11 +129,23 @@ impl DeadLetterer {
         }
     }
 
-    async fn handle(&self, js: &jetstream::Context, adv: &MaxDeliveriesAdvisory) -> Result<(), String> {
-        let stream = js.get_stream(&adv.stream).await.map_err(|e| e.to_string())?;
+    async fn handle(
+        &self,
+        js: &jetstream::Context,
+        adv: &MaxDeliveriesAdvisory,
+    ) -> Result<(), String> {
+        let stream = js
+            .get_stream(&adv.stream)
+            .await
+            .map_err(|e| e.to_string())?;
         let raw = match stream.get_raw_message(adv.stream_seq).await {
             Ok(m) => m,
-            Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    jetstream::stream::RawMessageErrorKind::NoMessageFound
+                ) =>
+            {
                 return Ok(()); // already acked, deleted or dead-lettered
             }
             Err(e) => return Err(e.to_string()),
@@ -130,7 +154,10 @@ impl DeadLetterer {
             "no outcome after {} deliveries to consumer {} (its MaxDeliver): the worker crashed, hung or was killed while handling it",
             adv.deliveries, adv.consumer
         );
-        let msg_id = raw.headers.get(job::MSG_ID_HEADER).map(|v| v.as_str().to_string());
+        let msg_id = raw
+            .headers
+            .get(job::MSG_ID_HEADER)
+            .map(|v| v.as_str().to_string());
         let published_ms = raw.time.timestamp_millis().max(0) as u64;
         let id_source = match &msg_id {
             Some(h) => IdSource::MsgId(h),
@@ -141,20 +168,38 @@ impl DeadLetterer {
             Ok(j) => j.id.to_string(),
             Err(_) => format!("{}:{}", adv.stream, adv.stream_seq),
         };
-        dead_letter(js, &raw.subject, Some(&raw.headers), raw.payload.clone(), &dedup, &reason, adv.deliveries)
-            .await
-            .map_err(|e| e.to_string())?;
+        dead_letter(
+            js,
+            &raw.subject,
+            Some(&raw.headers),
+            raw.payload.clone(),
+            &dedup,
+            &reason,
+            adv.deliveries,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
         if let Ok(job) = parsed {
             let lane = job::lane_token(&raw.subject)
                 .and_then(|l| Lane::new(l).ok())
                 .unwrap_or_else(|| self.settings.lane_for(&job.kind));
             let max = job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
-            let mut rec = Record::new(&job, lane, Status::Dead, adv.deliveries as i32, max, raw.time);
+            let mut rec = Record::new(
+                &job,
+                lane,
+                Status::Dead,
+                adv.deliveries as i32,
+                max,
+                raw.time,
+            );
             rec.finished_at = Some(Utc::now());
             rec.error = Some(reason.clone());
             self.writer.write(rec).await.map_err(|e| e.to_string())?;
         }
-        stream.delete_message(adv.stream_seq).await.map_err(|e| e.to_string())?;
+        stream
+            .delete_message(adv.stream_seq)
+            .await
+            .map_err(|e| e.to_string())?;
         tracing::warn!(stream = %adv.stream, seq = adv.stream_seq, deliveries = adv.deliveries, "dead-lettered a message that reached MaxDeliver");
         Ok(())
     }

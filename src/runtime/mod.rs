@@ -66,7 +66,10 @@ impl Shutdown {
                 _ = soft.cancelled() => {}
                 _ = hard.cancelled() => return,
             }
-            tracing::info!(grace_s = grace.as_secs_f64(), "shutting down: no new work; finishing in-flight jobs");
+            tracing::info!(
+                grace_s = grace.as_secs_f64(),
+                "shutting down: no new work; finishing in-flight jobs"
+            );
             tokio::select! {
                 _ = tokio::time::sleep(grace) => tracing::warn!("grace period over; abandoning in-flight work"),
                 _ = hard.cancelled() => {}
@@ -127,7 +130,11 @@ mod tests {
             let cap = (base * 2u32.pow((attempt - 1).min(20))).min(max);
             for _ in 0..200 {
                 let d = backoff(attempt, base, max);
-                assert!(d >= cap / 2 && d <= cap, "attempt {attempt}: {d:?} not in [{:?}, {cap:?}]", cap / 2);
+                assert!(
+                    d >= cap / 2 && d <= cap,
+                    "attempt {attempt}: {d:?} not in [{:?}, {cap:?}]",
+                    cap / 2
+                );
             }
         }
         assert!(backoff(1, base, max) <= base);

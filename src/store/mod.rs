@@ -45,7 +45,11 @@ impl StoreError {
             sqlx::Error::Database(db) => {
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();
                 // 08: connection exception; 57P0x: shutdown; 53: resources; 40: serialization.
-                if code.starts_with("08") || code.starts_with("57P") || code.starts_with("53") || code.starts_with("40") {
+                if code.starts_with("08")
+                    || code.starts_with("57P")
+                    || code.starts_with("53")
+                    || code.starts_with("40")
+                {
                     StoreError::Unavailable(db.to_string())
                 } else {
                     StoreError::Rejected(format!("{} ({code})", db.message()))
@@ -67,7 +71,10 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 
 /// Waits until Postgres answers, retrying with backoff and logging each failure, or
 /// until `cancel` fires.
-pub async fn wait_until_reachable(pool: &PgPool, cancel: &CancellationToken) -> Result<(), StoreError> {
+pub async fn wait_until_reachable(
+    pool: &PgPool,
+    cancel: &CancellationToken,
+) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(200);
     loop {
         match sqlx::query("SELECT 1").execute(pool).await {
@@ -174,10 +181,12 @@ pub async fn job(pool: &PgPool, id: JobId) -> Result<Option<JobRow>, sqlx::Error
 
 /// Reads a job's status history, oldest first.
 pub async fn events(pool: &PgPool, id: JobId) -> Result<Vec<EventRow>, sqlx::Error> {
-    let rows = sqlx::query("SELECT status, attempt, error, at FROM job_events WHERE job_id = $1 ORDER BY seq")
-        .bind(id.0)
-        .fetch_all(pool)
-        .await?;
+    let rows = sqlx::query(
+        "SELECT status, attempt, error, at FROM job_events WHERE job_id = $1 ORDER BY seq",
+    )
+    .bind(id.0)
+    .fetch_all(pool)
+    .await?;
     rows.into_iter()
         .map(|r| {
             Ok(EventRow {
@@ -192,8 +201,11 @@ pub async fn events(pool: &PgPool, id: JobId) -> Result<Vec<EventRow>, sqlx::Err
 
 /// Number of jobs per status.
 pub async fn status_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status")
-        .fetch_all(pool)
-        .await?;
-    rows.into_iter().map(|r| Ok((r.try_get("status")?, r.try_get("n")?))).collect()
+    let rows =
+        sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status")
+            .fetch_all(pool)
+            .await?;
+    rows.into_iter()
+        .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
+        .collect()
 }

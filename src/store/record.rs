@@ -57,7 +57,14 @@ pub struct Commit {
 
 impl Record {
     /// A new record of `job` in `status`, with nothing measured yet.
-    pub fn new(job: &Job, lane: Lane, status: Status, attempts: i32, max_attempts: u32, submitted_at: DateTime<Utc>) -> Record {
+    pub fn new(
+        job: &Job,
+        lane: Lane,
+        status: Status,
+        attempts: i32,
+        max_attempts: u32,
+        submitted_at: DateTime<Utc>,
+    ) -> Record {
         Record {
             id: job.id,
             kind: job.kind.clone(),

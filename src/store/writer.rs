@@ -146,18 +146,22 @@ impl Task {
         idx.sort_unstable();
         let records: Vec<&Record> = idx.iter().map(|&i| &batch[i].record).collect();
 
-        let results: HashMap<JobId, Result<Commit, StoreError>> = match self.execute_with_retry(&records).await {
-            Ok(commits) => commits.into_iter().map(|(id, c)| (id, Ok(c))).collect(),
-            Err(StoreError::Rejected(_)) if records.len() > 1 => {
-                let mut out = HashMap::with_capacity(records.len());
-                for r in &records {
-                    let res = self.execute_with_retry(&[*r]).await.map(|mut v| v.remove(0).1);
-                    out.insert(r.id, res);
+        let results: HashMap<JobId, Result<Commit, StoreError>> =
+            match self.execute_with_retry(&records).await {
+                Ok(commits) => commits.into_iter().map(|(id, c)| (id, Ok(c))).collect(),
+                Err(StoreError::Rejected(_)) if records.len() > 1 => {
+                    let mut out = HashMap::with_capacity(records.len());
+                    for r in &records {
+                        let res = self
+                            .execute_with_retry(&[*r])
+                            .await
+                            .map(|mut v| v.remove(0).1);
+                        out.insert(r.id, res);
+                    }
+                    out
                 }
-                out
-            }
-            Err(e) => records.iter().map(|r| (r.id, Err(e.clone()))).collect(),
-        };
+                Err(e) => records.iter().map(|r| (r.id, Err(e.clone()))).collect(),
+            };
 
         let mut published = Vec::new();
         for (i, p) in batch.into_iter().enumerate() {
@@ -187,7 +191,10 @@ impl Task {
         }
     }
 
-    async fn execute_with_retry(&self, records: &[&Record]) -> Result<Vec<(JobId, Commit)>, StoreError> {
+    async fn execute_with_retry(
+        &self,
+        records: &[&Record],
+    ) -> Result<Vec<(JobId, Commit)>, StoreError> {
         let mut delay = Duration::from_millis(100);
         loop {
             match execute(&self.pool, records).await {

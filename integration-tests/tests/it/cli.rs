@@ -10,12 +10,18 @@ async fn streams_apply_is_idempotent_and_reports_what_it_changed() {
     // The harness applied shorter ack waits; the shipped definitions put them back.
     let (ok, out) = env.cli(&["streams", "apply"]);
     assert!(ok, "{out}");
-    assert!(out.contains("updated   JOBS_RUN/executor-fast (ack_wait)"), "{out}");
+    assert!(
+        out.contains("updated   JOBS_RUN/executor-fast (ack_wait)"),
+        "{out}"
+    );
     assert!(out.contains("unchanged JOBS_DEAD"), "{out}");
     let (ok, out) = env.cli(&["streams", "apply"]);
     assert!(ok);
     assert_eq!(out.lines().count(), 9, "{out}");
-    assert!(out.lines().all(|l| l.starts_with("unchanged")), "a second run changes nothing:\n{out}");
+    assert!(
+        out.lines().all(|l| l.starts_with("unchanged")),
+        "a second run changes nothing:\n{out}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,10 +32,20 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
 
     let (ok, out) = env.cli(&["submit", "--kind", "noop", "--count", "50", "--wait"]);
     assert!(ok, "{out}");
-    assert!(out.contains("submitted 50 jobs to jobs.submit.noop"), "{out}");
+    assert!(
+        out.contains("submitted 50 jobs to jobs.submit.noop"),
+        "{out}"
+    );
     assert!(out.contains("50 succeeded"), "{out}");
 
-    let (ok, out) = env.cli(&["submit", "--kind", "sleep", "--payload", r#"{"ms": 1, "fail_first": 1}"#, "--wait"]);
+    let (ok, out) = env.cli(&[
+        "submit",
+        "--kind",
+        "sleep",
+        "--payload",
+        r#"{"ms": 1, "fail_first": 1}"#,
+        "--wait",
+    ]);
     assert!(ok);
     let mut lines = out.lines();
     let id = lines.next().unwrap().to_string();
@@ -46,16 +62,28 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
 
     let (ok, out) = env.cli(&["queues"]);
     assert!(ok);
-    for name in ["JOBS_SUBMIT", "JOBS_RUN", "JOBS_DEAD", "predictor", "executor-fast", "executor-slow"] {
+    for name in [
+        "JOBS_SUBMIT",
+        "JOBS_RUN",
+        "JOBS_DEAD",
+        "predictor",
+        "executor-fast",
+        "executor-slow",
+    ] {
         assert!(out.contains(name), "{name} missing from\n{out}");
     }
 
     // A job that dies on its first try (404), then works when retried from the DLQ.
     let server = http_server(vec![("/later", vec![404, 200])]).await;
-    let dead = env.submit("http", json!({"url": format!("{server}/later")})).await;
+    let dead = env
+        .submit("http", json!({"url": format!("{server}/later")}))
+        .await;
     env.wait_for_status(dead, "dead").await;
     let (ok, out) = env.cli(&["dlq", "list"]);
-    assert!(ok && out.contains("jobs.dead.http") && out.contains("HTTP 404"), "{out}");
+    assert!(
+        ok && out.contains("jobs.dead.http") && out.contains("HTTP 404"),
+        "{out}"
+    );
     let (ok, out) = env.cli(&["dlq", "retry", "--all"]);
     assert!(ok && out.contains("1 retried"), "{out}");
     let new_id: mlsched::job::JobId = out
@@ -66,8 +94,15 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
         .parse()
         .unwrap();
     env.wait_for_status(new_id, "succeeded").await;
-    assert_eq!(env.row(dead).await.unwrap().status, "dead", "the dead job's record is history");
-    assert!(env.dead_letters().await.is_empty(), "the retried dead letter is gone");
+    assert_eq!(
+        env.row(dead).await.unwrap().status,
+        "dead",
+        "the dead job's record is history"
+    );
+    assert!(
+        env.dead_letters().await.is_empty(),
+        "the retried dead letter is gone"
+    );
     let (ok, out) = env.cli(&["dlq", "purge"]);
     assert!(ok && out.contains("purged 0"), "{out}");
 }
@@ -94,7 +129,10 @@ async fn a_bad_setting_stops_a_worker_at_start_naming_the_key() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("retry.max_ms") && err.contains("predictor.default_lane"), "{err}");
+    assert!(
+        err.contains("retry.max_ms") && err.contains("predictor.default_lane"),
+        "{err}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,9 +148,16 @@ async fn workers_wait_for_an_unreachable_nats_and_start_when_it_appears() {
     let js = async_nats::jetstream::new(client);
     let id = mlsched::job::JobId::new_v7();
     let body = serde_json::to_vec(&json!({"id": id, "kind": "noop", "payload": {}})).unwrap();
-    js.publish("jobs.run.fast.noop", body.into()).await.unwrap().await.unwrap();
+    js.publish("jobs.run.fast.noop", body.into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
     env.wait_for_status(id, "succeeded").await;
-    assert!(worker.try_wait().unwrap().is_none(), "the worker kept running");
+    assert!(
+        worker.try_wait().unwrap().is_none(),
+        "the worker kept running"
+    );
     worker.kill().unwrap();
     worker.wait().unwrap();
 }

@@ -18,7 +18,10 @@ async fn one_success_each(env: &TestEnv, n: i64) {
     .await
     .unwrap();
     assert_eq!(per_job.len() as i64, n, "one row per job");
-    assert!(per_job.iter().all(|c| *c == 1), "every job succeeded exactly once: {per_job:?}");
+    assert!(
+        per_job.iter().all(|c| *c == 1),
+        "every job succeeded exactly once: {per_job:?}"
+    );
 }
 
 async fn count(env: &TestEnv, status: &str) -> i64 {
@@ -66,7 +69,10 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
     for _ in 0..4 {
         long.push(env.submit("sleep", json!({"ms": 1500})).await);
     }
-    eventually("4 jobs running", DEADLINE, || async { (count(&env, "running").await == 4).then_some(()) }).await;
+    eventually("4 jobs running", DEADLINE, || async {
+        (count(&env, "running").await == 4).then_some(())
+    })
+    .await;
     let mut waiting = Vec::new();
     for _ in 0..4 {
         waiting.push(env.submit("sleep", json!({"ms": 10})).await);
@@ -75,7 +81,11 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
         env.wait_for_status(*id, "queued").await;
     }
     let pid = worker.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = eventually("the executor to exit", DEADLINE, || {
         let exited = worker.try_wait().unwrap();
         async move { exited }
@@ -84,10 +94,18 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
     for id in &long {
         let row = env.row(*id).await.unwrap();
-        assert_eq!((row.status.as_str(), row.attempts), ("succeeded", 1), "{id} finished during the drain");
+        assert_eq!(
+            (row.status.as_str(), row.attempts),
+            ("succeeded", 1),
+            "{id} finished during the drain"
+        );
     }
     for id in &waiting {
-        assert_eq!(env.row(*id).await.unwrap().status, "queued", "no new work after SIGTERM");
+        assert_eq!(
+            env.row(*id).await.unwrap().status,
+            "queued",
+            "no new work after SIGTERM"
+        );
     }
 
     env.start_executor();
@@ -95,7 +113,12 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
         env.wait_for_status(*id, "succeeded").await;
     }
     for id in &long {
-        let runs = env.events(*id).await.iter().filter(|(s, _)| s == "running").count();
+        let runs = env
+            .events(*id)
+            .await
+            .iter()
+            .filter(|(s, _)| s == "running")
+            .count();
         assert_eq!(runs, 1, "{id} was not run again");
     }
     one_success_each(&env, 8).await;
@@ -109,7 +132,10 @@ async fn a_nats_restart_mid_run_loses_nothing() {
     for _ in 0..300 {
         env.submit("sleep", json!({"ms": 5})).await;
     }
-    eventually("some progress", DEADLINE, || async { (count(&env, "succeeded").await >= 30).then_some(()) }).await;
+    eventually("some progress", DEADLINE, || async {
+        (count(&env, "succeeded").await >= 30).then_some(())
+    })
+    .await;
     env.nats.stop();
     env.nats.resume().unwrap();
     // The test's own client reconnects too; publishing works again.
@@ -117,7 +143,11 @@ async fn a_nats_restart_mid_run_loses_nothing() {
         let kind = mlsched::job::Kind::new("noop").unwrap();
         let id = mlsched::job::JobId::new_v7();
         let body = serde_json::to_vec(&json!({"id": id, "kind": "noop", "payload": {}})).unwrap();
-        let ack = env.js.publish(mlsched::job::submit_subject(&kind), body.into()).await.ok()?;
+        let ack = env
+            .js
+            .publish(mlsched::job::submit_subject(&kind), body.into())
+            .await
+            .ok()?;
         ack.await.ok().map(|_| id)
     })
     .await;
@@ -138,7 +168,10 @@ async fn a_postgres_restart_holds_acks_and_then_resumes() {
     for _ in 0..300 {
         env.submit("sleep", json!({"ms": 5})).await;
     }
-    eventually("some progress", DEADLINE, || async { (count(&env, "succeeded").await >= 30).then_some(()) }).await;
+    eventually("some progress", DEADLINE, || async {
+        (count(&env, "succeeded").await >= 30).then_some(())
+    })
+    .await;
     env.own_postgres().stop();
     for _ in 0..100 {
         env.submit("noop", json!({})).await;
@@ -158,12 +191,16 @@ async fn a_job_that_exhausts_max_deliver_without_an_outcome_is_dead_lettered() {
     // test: it takes the message and never answers) exhausts it quickly.
     let defs = Definitions::builtin()
         .unwrap()
-        .with_overrides(&json!({"JOBS_RUN/executor-slow": {"max_deliver": 3, "ack_wait": 500_000_000}}))
+        .with_overrides(
+            &json!({"JOBS_RUN/executor-slow": {"max_deliver": 3, "ack_wait": 500_000_000}}),
+        )
         .unwrap();
     mlsched::streams::apply(&env.client, &defs).await.unwrap();
     let id = mlsched::job::JobId::new_v7();
-    let body = serde_json::to_vec(&json!({"id": id, "kind": "sleep", "payload": {"ms": 1}})).unwrap();
-    env.publish("jobs.run.slow.sleep", body, Some(&id.to_string())).await;
+    let body =
+        serde_json::to_vec(&json!({"id": id, "kind": "sleep", "payload": {"ms": 1}})).unwrap();
+    env.publish("jobs.run.slow.sleep", body, Some(&id.to_string()))
+        .await;
 
     let consumer = env
         .js
@@ -193,7 +230,11 @@ async fn a_job_that_exhausts_max_deliver_without_an_outcome_is_dead_lettered() {
         }
     }
     assert_eq!(deliveries, 3, "the server stops at MaxDeliver");
-    assert_eq!(env.stream_len("JOBS_RUN").await, 1, "the message is stuck in the work queue");
+    assert_eq!(
+        env.stream_len("JOBS_RUN").await,
+        1,
+        "the message is stuck in the work queue"
+    );
 
     env.start_executor(); // its dead-letterer handles the advisory
     let dead = eventually("the dead letter", DEADLINE, || async {

@@ -37,7 +37,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -105,8 +108,15 @@ impl TestEnv {
     }
 
     async fn build(own_pg: bool) -> TestEnv {
-        let dir = tempfile::Builder::new().prefix("mlsched-it-").tempdir().unwrap();
-        let nats = NatsServer::start(&stack::nats_server_binary().unwrap(), &dir.path().join("nats")).unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("mlsched-it-")
+            .tempdir()
+            .unwrap();
+        let nats = NatsServer::start(
+            &stack::nats_server_binary().unwrap(),
+            &dir.path().join("nats"),
+        )
+        .unwrap();
         let pg = match std::env::var("MLSCHED_TEST_DATABASE_URL") {
             Ok(url) if !own_pg => Pg::Shared(url),
             _ => {
@@ -120,7 +130,10 @@ impl TestEnv {
         };
         let db_name = format!("test_{}", uuid::Uuid::new_v4().simple());
         let admin = PgPool::connect(&admin_url).await.unwrap();
-        sqlx::query(&format!("CREATE DATABASE {db_name}")).execute(&admin).await.unwrap();
+        sqlx::query(&format!("CREATE DATABASE {db_name}"))
+            .execute(&admin)
+            .await
+            .unwrap();
         admin.close().await;
         let db_url = with_database(&admin_url, &db_name);
 
@@ -170,7 +183,10 @@ impl TestEnv {
     /// Starts an in-process predictor; it is stopped when the env drops.
     pub fn start_predictor(&mut self) {
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(mlsched_predictor::run(self.settings.clone(), shutdown.clone()));
+        let task = tokio::spawn(mlsched_predictor::run(
+            self.settings.clone(),
+            shutdown.clone(),
+        ));
         self.workers.push(InProc { shutdown, task });
     }
 
@@ -193,11 +209,23 @@ impl TestEnv {
         vec![
             ("NATS_URL".into(), s.nats.url.expose().into()),
             ("DATABASE_URL".into(), s.database.url.expose().into()),
-            ("MLSCHED__RETRY__BASE_MS".into(), s.retry.base_ms.to_string()),
+            (
+                "MLSCHED__RETRY__BASE_MS".into(),
+                s.retry.base_ms.to_string(),
+            ),
             ("MLSCHED__RETRY__MAX_MS".into(), s.retry.max_ms.to_string()),
-            ("MLSCHED__EXECUTOR__HEARTBEAT_MS".into(), s.executor.heartbeat_ms.to_string()),
-            ("MLSCHED__EXECUTOR__CONCURRENCY".into(), s.executor.concurrency.to_string()),
-            ("MLSCHED__SHUTDOWN__GRACE_S".into(), s.shutdown.grace_s.to_string()),
+            (
+                "MLSCHED__EXECUTOR__HEARTBEAT_MS".into(),
+                s.executor.heartbeat_ms.to_string(),
+            ),
+            (
+                "MLSCHED__EXECUTOR__CONCURRENCY".into(),
+                s.executor.concurrency.to_string(),
+            ),
+            (
+                "MLSCHED__SHUTDOWN__GRACE_S".into(),
+                s.shutdown.grace_s.to_string(),
+            ),
             ("MLSCHED__LOG__LEVEL".into(), "info".into()),
         ]
     }
@@ -209,7 +237,11 @@ impl TestEnv {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(self.process_env())
-            .envs(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .envs(
+                extra_env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string())),
+            )
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -229,7 +261,10 @@ impl TestEnv {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         if !out.status.success() {
-            eprintln!("mlsched {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "mlsched {args:?} failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         (out.status.success(), stdout)
     }
@@ -247,8 +282,12 @@ impl TestEnv {
             e.extend(m.clone());
         }
         let kind = Kind::new(kind).unwrap();
-        self.publish(&job::submit_subject(&kind), serde_json::to_vec(&env).unwrap(), Some(&id.to_string()))
-            .await;
+        self.publish(
+            &job::submit_subject(&kind),
+            serde_json::to_vec(&env).unwrap(),
+            Some(&id.to_string()),
+        )
+        .await;
         id
     }
 
@@ -293,10 +332,12 @@ impl TestEnv {
     /// Waits until `n` jobs are finished (succeeded, dead or cancelled).
     pub async fn wait_for_finished(&self, n: i64) {
         eventually(&format!("{n} finished jobs"), DEADLINE * 2, || async {
-            let done: i64 = sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('succeeded','dead','cancelled')")
-                .fetch_one(&self.pool)
-                .await
-                .ok()?;
+            let done: i64 = sqlx::query_scalar(
+                "SELECT count(*) FROM jobs WHERE status IN ('succeeded','dead','cancelled')",
+            )
+            .fetch_one(&self.pool)
+            .await
+            .ok()?;
             (done >= n).then_some(())
         })
         .await
@@ -334,8 +375,15 @@ impl TestEnv {
             return out;
         }
         for seq in state.first_sequence..=state.last_sequence {
-            let Ok(m) = stream.get_raw_message(seq).await else { continue };
-            let h = |n: &str| m.headers.get(n).map(|v| v.as_str().to_string()).unwrap_or_default();
+            let Ok(m) = stream.get_raw_message(seq).await else {
+                continue;
+            };
+            let h = |n: &str| {
+                m.headers
+                    .get(n)
+                    .map(|v| v.as_str().to_string())
+                    .unwrap_or_default()
+            };
             out.push(DeadLetter {
                 subject: m.subject.to_string(),
                 error: h(job::ERROR_HEADER),
@@ -349,7 +397,15 @@ impl TestEnv {
 
     /// Messages currently stored in `stream`.
     pub async fn stream_len(&self, stream: &str) -> u64 {
-        self.js.get_stream(stream).await.unwrap().info().await.unwrap().state.messages
+        self.js
+            .get_stream(stream)
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .state
+            .messages
     }
 
     /// Stops every in-process worker gracefully.
@@ -372,7 +428,10 @@ impl Drop for TestEnv {
             let pool = self.pool.clone();
             // Drop runs inside the test's runtime: use a thread with its own.
             let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .ok()?;
                 rt.block_on(async move {
                     pool.close().await;
                     let admin = PgPool::connect(&admin_url).await.ok()?;
@@ -394,7 +453,10 @@ fn with_database(url: &str, db: &str) -> String {
         None => (url, String::new()),
     };
     let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
-    let path_start = base[scheme_end..].find('/').map(|i| i + scheme_end).unwrap_or(base.len());
+    let path_start = base[scheme_end..]
+        .find('/')
+        .map(|i| i + scheme_end)
+        .unwrap_or(base.len());
     format!("{}/{db}{query}", &base[..path_start])
 }
 
@@ -407,11 +469,17 @@ pub async fn http_server(routes: Vec<(&'static str, Vec<u16>)>) -> String {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let routes: Arc<Mutex<HashMap<String, (Vec<u16>, usize)>>> =
-        Arc::new(Mutex::new(routes.into_iter().map(|(p, c)| (p.to_string(), (c, 0))).collect()));
+    let routes: Arc<Mutex<HashMap<String, (Vec<u16>, usize)>>> = Arc::new(Mutex::new(
+        routes
+            .into_iter()
+            .map(|(p, c)| (p.to_string(), (c, 0)))
+            .collect(),
+    ));
     tokio::spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { return };
+            let Ok((mut sock, _)) = listener.accept().await else {
+                return;
+            };
             let routes = routes.clone();
             tokio::spawn(async move {
                 let mut buf = vec![0u8; 8192];
@@ -436,7 +504,9 @@ pub async fn http_server(routes: Vec<(&'static str, Vec<u16>)>) -> String {
                         None => 404,
                     }
                 };
-                let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+                let resp = format!(
+                    "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
+                );
                 let _ = sock.write_all(resp.as_bytes()).await;
             });
         }

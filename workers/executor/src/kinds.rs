@@ -97,11 +97,17 @@ fn default_method() -> String {
 /// other status is permanent.
 async fn call_http(client: reqwest::Client, job: JobInput) -> HandlerResult {
     let args: HttpArgs = job.payload()?;
-    let method = reqwest::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes())
-        .map_err(|_| HandlerError::fatal(format!("`method` {:?} is not an HTTP method", args.method)))?;
-    let url = reqwest::Url::parse(&args.url).map_err(|e| HandlerError::fatal(format!("`url` is invalid: {e}")))?;
+    let method =
+        reqwest::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes()).map_err(|_| {
+            HandlerError::fatal(format!("`method` {:?} is not an HTTP method", args.method))
+        })?;
+    let url = reqwest::Url::parse(&args.url)
+        .map_err(|e| HandlerError::fatal(format!("`url` is invalid: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(HandlerError::fatal(format!("`url` scheme {:?} is not http or https", url.scheme())));
+        return Err(HandlerError::fatal(format!(
+            "`url` scheme {:?} is not http or https",
+            url.scheme()
+        )));
     }
     let timeout = Duration::from_millis(args.timeout_ms.unwrap_or(30_000)).min(job.timeout);
     let mut req = client.request(method, url).timeout(timeout);
@@ -110,7 +116,12 @@ async fn call_http(client: reqwest::Client, job: JobInput) -> HandlerResult {
     }
     let resp = match req.send().await {
         Ok(r) => r,
-        Err(e) if e.is_timeout() => return Err(HandlerError::retry(format!("timed out after {} ms", timeout.as_millis()))),
+        Err(e) if e.is_timeout() => {
+            return Err(HandlerError::retry(format!(
+                "timed out after {} ms",
+                timeout.as_millis()
+            )))
+        }
         Err(e) => return Err(HandlerError::retry(format!("request failed: {e}"))),
     };
     let status = resp.status();

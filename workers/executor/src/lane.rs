@@ -38,7 +38,12 @@ pub(crate) enum Settle {
 
 /// Maps a handler outcome to what happens next: succeeded, retry after a backoff, or
 /// dead.
-pub(crate) fn decide(outcome: &HandlerResult, attempt: u32, max_attempts: u32, settings: &Settings) -> (Status, Option<Duration>) {
+pub(crate) fn decide(
+    outcome: &HandlerResult,
+    attempt: u32,
+    max_attempts: u32,
+    settings: &Settings,
+) -> (Status, Option<Duration>) {
     match outcome {
         Ok(_) => (Status::Succeeded, None),
         Err(HandlerError::Retry { after, .. }) if attempt < max_attempts => {
@@ -64,7 +69,13 @@ pub(crate) struct Ctx {
 }
 
 /// Consumes `executor-<lane>` until `soft` fires; attempts run on `tracker`.
-pub(crate) async fn run(ctx: Arc<Ctx>, client: async_nats::Client, lane: Lane, soft: CancellationToken, tracker: TaskTracker) {
+pub(crate) async fn run(
+    ctx: Arc<Ctx>,
+    client: async_nats::Client,
+    lane: Lane,
+    soft: CancellationToken,
+    tracker: TaskTracker,
+) {
     let slots = Arc::new(Semaphore::new(ctx.settings.executor.concurrency));
     let mut fetcher = Fetcher::new(client, job::RUN_STREAM, &job::executor_consumer(&lane));
     tracing::info!(%lane, consumer = fetcher.consumer(), concurrency = ctx.settings.executor.concurrency, "consuming");
@@ -80,7 +91,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, client: async_nats::Client, lane: Lane, s
                 Err(_) => break,
             }
         }
-        let Some(mut batch) = fetcher.batch(permits.len(), &soft).await else { break };
+        let Some(mut batch) = fetcher.batch(permits.len(), &soft).await else {
+            break;
+        };
         while let Some(msg) = fetcher.next(&mut batch).await {
             match permits.pop() {
                 Some(permit) if !soft.is_cancelled() => {
@@ -114,22 +127,42 @@ async fn apply(msg: &Message, settle: Settle) {
 
 /// Runs one delivery of a message to completion and says how to settle it.
 async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
-    let Ok(info) = msg.info() else { return Settle::Requeue };
+    let Ok(info) = msg.info() else {
+        return Settle::Requeue;
+    };
     let delivered = info.delivered.max(1) as u32;
     let seq = info.stream_sequence;
     let published: DateTime<Utc> = info.published;
     let subject = msg.subject.to_string();
-    let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+    let header = |name: &str| {
+        msg.headers
+            .as_ref()
+            .and_then(|h| h.get(name))
+            .map(|v| v.as_str().to_string())
+    };
     let msg_id = header(job::MSG_ID_HEADER);
     let id_source = match &msg_id {
         Some(h) => IdSource::MsgId(h),
-        None => IdSource::Derived(JobId::for_message(seq, published.timestamp_millis().max(0) as u64)),
+        None => IdSource::Derived(JobId::for_message(
+            seq,
+            published.timestamp_millis().max(0) as u64,
+        )),
     };
     let job = match Job::parse(job::kind_token(&subject), &msg.payload, id_source) {
         Ok(j) => j,
         Err(e) => {
             let dedup = format!("{}:{seq}", job::RUN_STREAM);
-            return match dead_letter(&ctx.js, &subject, msg.headers.as_ref(), msg.payload.clone(), &dedup, &e.to_string(), delivered.into()).await {
+            return match dead_letter(
+                &ctx.js,
+                &subject,
+                msg.headers.as_ref(),
+                msg.payload.clone(),
+                &dedup,
+                &e.to_string(),
+                delivered.into(),
+            )
+            .await
+            {
                 Ok(()) => {
                     tracing::warn!(%subject, error = %e, "malformed job dead-lettered");
                     Settle::Term
@@ -143,7 +176,9 @@ async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
     };
     let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = delivered);
     let submitted_header = header(job::SUBMITTED_AT_HEADER);
-    run_job(ctx, msg, job, lane, delivered, published, submitted_header).instrument(span).await
+    run_job(ctx, msg, job, lane, delivered, published, submitted_header)
+        .instrument(span)
+        .await
 }
 
 async fn run_job(
@@ -162,8 +197,17 @@ async fn run_job(
         .and_then(|t| DateTime::parse_from_rfc3339(&t).ok())
         .map(|t| t.with_timezone(&Utc))
         .unwrap_or(published);
-    let lane = job::lane_token(subject).and_then(|l| Lane::new(l).ok()).unwrap_or_else(|| lane.clone());
-    let base = Record::new(&job, lane, Status::Running, delivered as i32, max_attempts, submitted_at);
+    let lane = job::lane_token(subject)
+        .and_then(|l| Lane::new(l).ok())
+        .unwrap_or_else(|| lane.clone());
+    let base = Record::new(
+        &job,
+        lane,
+        Status::Running,
+        delivered as i32,
+        max_attempts,
+        submitted_at,
+    );
     let every = Duration::from_millis(s.executor.heartbeat_ms);
 
     if delivered > max_attempts {
@@ -188,16 +232,33 @@ async fn run_job(
         }
         Ok(c) => {
             tracing::info!(status = %c.status, attempts = c.attempts, "another attempt holds the job; retrying later");
-            return Settle::Retry(backoff(delivered, Duration::from_millis(s.retry.base_ms), Duration::from_millis(s.retry.max_ms)));
+            return Settle::Retry(backoff(
+                delivered,
+                Duration::from_millis(s.retry.base_ms),
+                Duration::from_millis(s.retry.max_ms),
+            ));
         }
-        Err(StoreError::Rejected(e)) => return give_up(ctx, msg, &job, base, format!("cannot record the job: {e}"), delivered).await,
+        Err(StoreError::Rejected(e)) => {
+            return give_up(
+                ctx,
+                msg,
+                &job,
+                base,
+                format!("cannot record the job: {e}"),
+                delivered,
+            )
+            .await
+        }
         Err(_) => return Settle::Requeue,
     }
 
     let timeout = Duration::from_millis(job.timeout_ms.unwrap_or(s.executor.default_timeout_ms));
     let started = Instant::now();
     let outcome = match ctx.registry.get(&job.kind) {
-        None => Err(HandlerError::retry(format!("no handler for kind {} on this executor", job.kind))),
+        None => Err(HandlerError::retry(format!(
+            "no handler for kind {} on this executor",
+            job.kind
+        ))),
         Some(handler) => {
             let input = JobInput {
                 id: job.id,
@@ -241,7 +302,9 @@ async fn run_job(
         (Err(e), Status::Dead) => {
             let reason = match e {
                 HandlerError::Fatal { reason } => reason.clone(),
-                HandlerError::Retry { reason, .. } => format!("failed {delivered} of {max_attempts} attempts; last: {reason}"),
+                HandlerError::Retry { reason, .. } => {
+                    format!("failed {delivered} of {max_attempts} attempts; last: {reason}")
+                }
             };
             return give_up(ctx, msg, &job, rec, reason, delivered).await;
         }
@@ -266,7 +329,14 @@ async fn run_job(
 
 /// Dead-letters the job (published first, so a crash before the record cannot lose
 /// it), records it `dead`, and terminates the message.
-async fn give_up(ctx: &Ctx, msg: &Message, job: &Job, base: Record, reason: String, attempts: u32) -> Settle {
+async fn give_up(
+    ctx: &Ctx,
+    msg: &Message,
+    job: &Job,
+    base: Record,
+    reason: String,
+    attempts: u32,
+) -> Settle {
     if let Err(e) = dead_letter(
         &ctx.js,
         &msg.subject,
@@ -307,13 +377,27 @@ mod tests {
     #[test]
     fn outcomes_map_to_the_right_next_step() {
         let s = Settings::default();
-        assert_eq!(decide(&Ok(serde_json::Value::Null), 1, 5, &s), (Status::Succeeded, None));
+        assert_eq!(
+            decide(&Ok(serde_json::Value::Null), 1, 5, &s),
+            (Status::Succeeded, None)
+        );
         let (st, d) = decide(&Err(HandlerError::retry("x")), 1, 5, &s);
         assert_eq!(st, Status::Failed);
         assert!(d.unwrap() <= Duration::from_millis(s.retry.base_ms));
-        let (st, d) = decide(&Err(HandlerError::retry_after("x", Duration::from_secs(7))), 2, 5, &s);
+        let (st, d) = decide(
+            &Err(HandlerError::retry_after("x", Duration::from_secs(7))),
+            2,
+            5,
+            &s,
+        );
         assert_eq!((st, d), (Status::Failed, Some(Duration::from_secs(7))));
-        assert_eq!(decide(&Err(HandlerError::retry("x")), 5, 5, &s), (Status::Dead, None));
-        assert_eq!(decide(&Err(HandlerError::fatal("x")), 1, 5, &s), (Status::Dead, None));
+        assert_eq!(
+            decide(&Err(HandlerError::retry("x")), 5, 5, &s),
+            (Status::Dead, None)
+        );
+        assert_eq!(
+            decide(&Err(HandlerError::fatal("x")), 1, 5, &s),
+            (Status::Dead, None)
+        );
     }
 }

@@ -29,20 +29,34 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 /// Runs an executor with `registry`'s kinds until `shutdown`.
-pub async fn run_with(settings: Settings, registry: Registry, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run_with(
+    settings: Settings,
+    registry: Registry,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     settings.validate()?;
     tokio::spawn(shutdown.grace_timer(settings.grace()));
-    let client = match mlsched::client::connect(&settings.nats, "mlsched-executor", &shutdown.soft).await {
-        Ok(c) => c,
-        Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
+    let client =
+        match mlsched::client::connect(&settings.nats, "mlsched-executor", &shutdown.soft).await {
+            Ok(c) => c,
+            Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
     let pool = store::pool(&settings.database).context("database.url")?;
-    if store::wait_until_reachable(&pool, &shutdown.soft).await.is_err() {
+    if store::wait_until_reachable(&pool, &shutdown.soft)
+        .await
+        .is_err()
+    {
         return Ok(());
     }
     let writer_tasks = TaskTracker::new();
-    let writer = Writer::spawn(pool, Some(client.clone()), &settings.store, shutdown.hard.clone(), &writer_tasks);
+    let writer = Writer::spawn(
+        pool,
+        Some(client.clone()),
+        &settings.store,
+        shutdown.hard.clone(),
+        &writer_tasks,
+    );
     let ctx = Arc::new(lane::Ctx {
         settings: settings.clone(),
         registry,
@@ -54,9 +68,18 @@ pub async fn run_with(settings: Settings, registry: Registry, shutdown: Shutdown
 
     let tasks = TaskTracker::new();
     for lane in settings.executor_lanes() {
-        tasks.spawn(lane::run(ctx.clone(), client.clone(), lane, shutdown.soft.clone(), tasks.clone()));
+        tasks.spawn(lane::run(
+            ctx.clone(),
+            client.clone(),
+            lane,
+            shutdown.soft.clone(),
+            tasks.clone(),
+        ));
     }
-    tasks.spawn(DeadLetterer::new(client.clone(), writer.clone(), settings.clone()).run(shutdown.soft.clone()));
+    tasks.spawn(
+        DeadLetterer::new(client.clone(), writer.clone(), settings.clone())
+            .run(shutdown.soft.clone()),
+    );
     tasks.close();
     tasks.wait().await;
 

@@ -18,17 +18,27 @@ use tokio_util::task::TaskTracker;
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     settings.validate()?;
     tokio::spawn(shutdown.grace_timer(settings.grace()));
-    let client = match mlsched::client::connect(&settings.nats, "mlsched-predictor", &shutdown.soft).await {
-        Ok(c) => c,
-        Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
-        Err(e) => return Err(e.into()),
-    };
+    let client =
+        match mlsched::client::connect(&settings.nats, "mlsched-predictor", &shutdown.soft).await {
+            Ok(c) => c,
+            Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
     let pool = store::pool(&settings.database).context("database.url")?;
-    if store::wait_until_reachable(&pool, &shutdown.soft).await.is_err() {
+    if store::wait_until_reachable(&pool, &shutdown.soft)
+        .await
+        .is_err()
+    {
         return Ok(());
     }
     let writer_tasks = TaskTracker::new();
-    let writer = Writer::spawn(pool, Some(client.clone()), &settings.store, shutdown.hard.clone(), &writer_tasks);
+    let writer = Writer::spawn(
+        pool,
+        Some(client.clone()),
+        &settings.store,
+        shutdown.hard.clone(),
+        &writer_tasks,
+    );
     let stage = route::Stage {
         settings: settings.clone(),
         writer: writer.clone(),
@@ -36,7 +46,10 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     let tasks = TaskTracker::new();
     tasks.spawn(route::run(stage, client.clone(), shutdown.soft.clone()));
-    tasks.spawn(DeadLetterer::new(client.clone(), writer.clone(), settings.clone()).run(shutdown.soft.clone()));
+    tasks.spawn(
+        DeadLetterer::new(client.clone(), writer.clone(), settings.clone())
+            .run(shutdown.soft.clone()),
+    );
     tasks.close();
     tasks.wait().await;
     drop(writer);

