@@ -101,9 +101,14 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     half + full.saturating_sub(half).mul_f64(fastrand::f64())
 }
 
-/// Runs `work` while sending an in-progress ack for `msg` every `every`, so AckWait
-/// never expires under a live worker.
-pub async fn with_heartbeat<F: Future>(msg: &Message, every: Duration, work: F) -> F::Output {
+/// Runs `work` while sending an in-progress ack for `msg` every `every` (and calling
+/// `on_beat`), so AckWait never expires under a live worker.
+pub async fn with_heartbeat<F: Future>(
+    msg: &Message,
+    every: Duration,
+    work: F,
+    mut on_beat: impl FnMut(),
+) -> F::Output {
     tokio::pin!(work);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
     loop {
@@ -113,6 +118,7 @@ pub async fn with_heartbeat<F: Future>(msg: &Message, every: Duration, work: F) 
                 if let Err(e) = msg.ack_with(AckKind::Progress).await {
                     tracing::debug!(error = %e, "in-progress ack not sent");
                 }
+                on_beat();
             }
         }
     }

@@ -29,11 +29,17 @@ struct Pending {
     done: oneshot::Sender<Result<Commit, StoreError>>,
 }
 
+enum Op {
+    Write(Pending),
+    /// A running attempt is alive: refresh `last_heartbeat_at` (best effort).
+    Touch(JobId, i32),
+}
+
 /// Handle to the writer task. Clone it freely; the task stops (after writing what is
 /// queued) when the last handle is dropped.
 #[derive(Clone)]
 pub struct Writer {
-    tx: mpsc::Sender<Pending>,
+    tx: mpsc::Sender<Op>,
 }
 
 impl Writer {
@@ -63,7 +69,7 @@ impl Writer {
     pub async fn write(&self, record: Record) -> Result<Commit, StoreError> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Pending { record, done })
+            .send(Op::Write(Pending { record, done }))
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.unwrap_or(Err(StoreError::ShuttingDown))
@@ -75,7 +81,7 @@ impl Writer {
         let mut waits = Vec::with_capacity(records.len());
         for record in records {
             let (done, rx) = oneshot::channel();
-            match self.tx.send(Pending { record, done }).await {
+            match self.tx.send(Op::Write(Pending { record, done })).await {
                 Ok(()) => waits.push(Some(rx)),
                 Err(_) => waits.push(None),
             }
@@ -89,6 +95,12 @@ impl Writer {
         }
         out
     }
+
+    /// Records that attempt `attempt` of job `id` is still running. Never waits: when
+    /// the writer is backed up the heartbeat is skipped (the next one will do).
+    pub fn touch(&self, id: JobId, attempt: i32) {
+        let _ = self.tx.try_send(Op::Touch(id, attempt));
+    }
 }
 
 struct Task {
@@ -100,31 +112,61 @@ struct Task {
 }
 
 impl Task {
-    async fn run(self, mut rx: mpsc::Receiver<Pending>) {
+    async fn run(self, mut rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Pending> = Vec::with_capacity(self.batch_max);
+        let mut touches: Vec<(JobId, i32)> = Vec::new();
+        fn take(op: Op, batch: &mut Vec<Pending>, touches: &mut Vec<(JobId, i32)>) {
+            match op {
+                Op::Write(p) => batch.push(p),
+                Op::Touch(id, attempt) => touches.push((id, attempt)),
+            }
+        }
         while let Some(first) = rx.recv().await {
-            batch.push(first);
+            take(first, &mut batch, &mut touches);
             while batch.len() < self.batch_max {
                 match rx.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(op) => take(op, &mut batch, &mut touches),
                     Err(_) => break,
                 }
             }
-            if !self.linger.is_zero() && batch.len() < self.batch_max {
+            if !self.linger.is_zero() && !batch.is_empty() && batch.len() < self.batch_max {
                 let deadline = Instant::now() + self.linger;
                 while batch.len() < self.batch_max {
                     tokio::select! {
-                        p = rx.recv() => match p {
-                            Some(p) => batch.push(p),
+                        op = rx.recv() => match op {
+                            Some(op) => take(op, &mut batch, &mut touches),
                             None => break,
                         },
                         _ = tokio::time::sleep_until(deadline) => break,
                     }
                 }
             }
-            self.commit(std::mem::take(&mut batch)).await;
+            if !batch.is_empty() {
+                self.commit(std::mem::take(&mut batch)).await;
+            }
+            let beats = std::mem::take(&mut touches);
+            if !beats.is_empty() {
+                self.touch(beats).await;
+            }
         }
         tracing::debug!("store writer stopped");
+    }
+
+    async fn touch(&self, beats: Vec<(JobId, i32)>) {
+        let (ids, attempts): (Vec<Uuid>, Vec<i32>) =
+            beats.into_iter().map(|(id, a)| (id.0, a)).unzip();
+        let res = sqlx::query(
+            "UPDATE jobs SET last_heartbeat_at = now()
+             FROM UNNEST($1::uuid[], $2::int4[]) AS t(id, attempts)
+             WHERE jobs.id = t.id AND jobs.status = 'running' AND jobs.attempts = t.attempts",
+        )
+        .bind(ids)
+        .bind(attempts)
+        .execute(&self.pool)
+        .await;
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "heartbeats not recorded");
+        }
     }
 
     async fn commit(&self, batch: Vec<Pending>) {

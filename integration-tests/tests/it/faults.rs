@@ -67,7 +67,7 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
     let mut worker = env.spawn_process("executor", &[("MLSCHED__EXECUTOR__CONCURRENCY", "4")]);
     let mut long = Vec::new();
     for _ in 0..4 {
-        long.push(env.submit("sleep", json!({"ms": 1500})).await);
+        long.push(env.submit("sleep", json!({"ms": 3000})).await);
     }
     eventually("4 jobs running", DEADLINE, || async {
         (count(&env, "running").await == 4).then_some(())
@@ -80,6 +80,16 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
     for id in &waiting {
         env.wait_for_status(*id, "queued").await;
     }
+    eventually("heartbeats of the running jobs", DEADLINE, || async {
+        let beating: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM jobs WHERE status = 'running' AND last_heartbeat_at > started_at",
+        )
+        .fetch_one(&env.pool)
+        .await
+        .ok()?;
+        (beating == 4).then_some(())
+    })
+    .await;
     let pid = worker.id().to_string();
     assert!(std::process::Command::new("kill")
         .args(["-TERM", &pid])
@@ -250,4 +260,37 @@ async fn a_job_that_exhausts_max_deliver_without_an_outcome_is_dead_lettered() {
         (env.stream_len("JOBS_RUN").await == 0).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_predictor_stops_on_sigterm_without_losing_or_doubling_a_submission() {
+    let mut env = TestEnv::start().await;
+    let mut predictor = env.spawn_process("predictor", &[]);
+    for _ in 0..2000 {
+        env.submit("noop", json!({})).await;
+    }
+    eventually("routing to start", DEADLINE, || async { (count(&env, "queued").await > 0).then_some(()) }).await;
+    let pid = predictor.id().to_string();
+    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = eventually("the predictor to exit", DEADLINE, || {
+        let exited = predictor.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "graceful shutdown exits 0, got {status}");
+    // Every submission is either routed (row + run message) or still waiting.
+    let routed = count(&env, "queued").await;
+    let waiting = env.stream_len("JOBS_SUBMIT").await as i64;
+    assert_eq!(env.stream_len("JOBS_RUN").await as i64, routed);
+    assert_eq!(routed + waiting, 2000, "routed {routed} + waiting {waiting}: acks were flushed before exit");
+
+    env.start_predictor();
+    eventually("every submission routed", DEADLINE, || async {
+        (env.stream_len("JOBS_SUBMIT").await == 0 && count(&env, "queued").await == 2000).then_some(())
+    })
+    .await;
+    assert_eq!(env.stream_len("JOBS_RUN").await, 2000, "no submission was routed twice");
+    env.start_executor();
+    env.wait_for_finished(2000).await;
+    one_success_each(&env, 2000).await;
 }

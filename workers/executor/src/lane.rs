@@ -221,7 +221,7 @@ async fn run_job(
     let mut start = base.clone();
     start.started_at = Some(Utc::now());
     let claim = tokio::select! {
-        r = with_heartbeat(msg, every, ctx.writer.write(start)) => r,
+        r = with_heartbeat(msg, every, ctx.writer.write(start), || {}) => r,
         _ = ctx.hard.cancelled() => return Settle::Requeue,
     };
     match claim {
@@ -270,9 +270,10 @@ async fn run_job(
             };
             // A task of its own isolates panics and lets a timeout abort the handler.
             let task = tokio::spawn(handler.call(input));
+            let beat = || ctx.writer.touch(job.id, delivered as i32);
             let abort = task.abort_handle();
             tokio::select! {
-                r = with_heartbeat(msg, every, tokio::time::timeout(timeout, task)) => match r {
+                r = with_heartbeat(msg, every, tokio::time::timeout(timeout, task), beat) => match r {
                     Ok(Ok(res)) => res,
                     Ok(Err(e)) if e.is_panic() => Err(HandlerError::retry("handler panicked")),
                     Ok(Err(_)) => Err(HandlerError::retry("handler task was cancelled")),
@@ -314,7 +315,7 @@ async fn run_job(
         }
     }
     let recorded = tokio::select! {
-        r = with_heartbeat(msg, every, ctx.writer.write(rec)) => r,
+        r = with_heartbeat(msg, every, ctx.writer.write(rec), || {}) => r,
         _ = ctx.hard.cancelled() => return Settle::Requeue,
     };
     match (recorded, delay) {
