@@ -29,6 +29,8 @@ struct Pending {
     done: oneshot::Sender<Result<Commit, StoreError>>,
 }
 
+// Nearly every op is a write; boxing it would cost an allocation per record.
+#[allow(clippy::large_enum_variant)]
 enum Op {
     Write(Pending),
     /// A running attempt is alive: refresh `last_heartbeat_at` (best effort).

@@ -269,9 +269,16 @@ async fn the_predictor_stops_on_sigterm_without_losing_or_doubling_a_submission(
     for _ in 0..2000 {
         env.submit("noop", json!({})).await;
     }
-    eventually("routing to start", DEADLINE, || async { (count(&env, "queued").await > 0).then_some(()) }).await;
+    eventually("routing to start", DEADLINE, || async {
+        (count(&env, "queued").await > 0).then_some(())
+    })
+    .await;
     let pid = predictor.id().to_string();
-    assert!(std::process::Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
     let status = eventually("the predictor to exit", DEADLINE, || {
         let exited = predictor.try_wait().unwrap();
         async move { exited }
@@ -282,14 +289,23 @@ async fn the_predictor_stops_on_sigterm_without_losing_or_doubling_a_submission(
     let routed = count(&env, "queued").await;
     let waiting = env.stream_len("JOBS_SUBMIT").await as i64;
     assert_eq!(env.stream_len("JOBS_RUN").await as i64, routed);
-    assert_eq!(routed + waiting, 2000, "routed {routed} + waiting {waiting}: acks were flushed before exit");
+    assert_eq!(
+        routed + waiting,
+        2000,
+        "routed {routed} + waiting {waiting}: acks were flushed before exit"
+    );
 
     env.start_predictor();
     eventually("every submission routed", DEADLINE, || async {
-        (env.stream_len("JOBS_SUBMIT").await == 0 && count(&env, "queued").await == 2000).then_some(())
+        (env.stream_len("JOBS_SUBMIT").await == 0 && count(&env, "queued").await == 2000)
+            .then_some(())
     })
     .await;
-    assert_eq!(env.stream_len("JOBS_RUN").await, 2000, "no submission was routed twice");
+    assert_eq!(
+        env.stream_len("JOBS_RUN").await,
+        2000,
+        "no submission was routed twice"
+    );
     env.start_executor();
     env.wait_for_finished(2000).await;
     one_success_each(&env, 2000).await;

@@ -469,7 +469,8 @@ pub async fn http_server(routes: Vec<(&'static str, Vec<u16>)>) -> String {
 
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let routes: Arc<Mutex<HashMap<String, (Vec<u16>, usize)>>> = Arc::new(Mutex::new(
+    type Routes = Arc<Mutex<HashMap<String, (Vec<u16>, usize)>>>;
+    let routes: Routes = Arc::new(Mutex::new(
         routes
             .into_iter()
             .map(|(p, c)| (p.to_string(), (c, 0)))
