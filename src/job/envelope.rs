@@ -155,6 +155,7 @@ impl Job {
         let mut max_attempts = None;
         let mut timeout_ms = None;
         let mut extra = Vec::new();
+        let mut extra_keys = std::collections::HashSet::new();
         for (key, value) in raw.fields {
             let slot = match key.as_str() {
                 "id" => &mut id,
@@ -165,7 +166,7 @@ impl Job {
                 "max_attempts" => &mut max_attempts,
                 "timeout_ms" => &mut timeout_ms,
                 _ => {
-                    if extra.iter().any(|(k, _): &(String, _)| *k == key) {
+                    if !extra_keys.insert(key.clone()) {
                         return Err(EnvelopeError::Duplicate(key));
                     }
                     extra.push((key, value));

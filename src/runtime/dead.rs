@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::Fetcher;
 use crate::config::Settings;
 use crate::job::{self, envelope::IdSource, Job, JobId, Kind, Lane, Status};
-use crate::store::{Record, Writer};
+use crate::store::{Record, StoreError, Writer};
 
 /// Header values cannot hold line breaks; keep reasons on one line and bounded.
 fn header_safe(s: &str) -> String {
@@ -164,28 +164,16 @@ impl DeadLetterer {
             None => IdSource::Derived(JobId::for_message(raw.sequence, published_ms)),
         };
         let parsed = Job::parse(job::kind_token(&raw.subject), &raw.payload, id_source);
-        let dedup = match &parsed {
-            Ok(j) => j.id.to_string(),
-            Err(_) => format!("{}:{}", adv.stream, adv.stream_seq),
-        };
-        dead_letter(
-            js,
-            &raw.subject,
-            Some(&raw.headers),
-            raw.payload.clone(),
-            &dedup,
-            &reason,
-            adv.deliveries,
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        if let Ok(job) = parsed {
+        // Record first: a job that finished after all (its ack was lost) is not
+        // dead-lettered, only removed from the work queue.
+        let mut finished = false;
+        if let Ok(job) = &parsed {
             let lane = job::lane_token(&raw.subject)
                 .and_then(|l| Lane::new(l).ok())
                 .unwrap_or_else(|| self.settings.lane_for(&job.kind));
             let max = job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
             let mut rec = Record::new(
-                &job,
+                job,
                 lane,
                 Status::Dead,
                 adv.deliveries as i32,
@@ -194,7 +182,30 @@ impl DeadLetterer {
             );
             rec.finished_at = Some(Utc::now());
             rec.error = Some(reason.clone());
-            self.writer.write(rec).await.map_err(|e| e.to_string())?;
+            match self.writer.write_dead(rec).await {
+                Ok(c) => finished = c.status != Status::Dead,
+                Err(StoreError::Rejected(e)) => {
+                    tracing::error!(error = %e, "dead record refused; dead-lettering anyway")
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+        if !finished {
+            let dedup = match &parsed {
+                Ok(j) => j.id.to_string(),
+                Err(_) => format!("{}:{}", adv.stream, adv.stream_seq),
+            };
+            dead_letter(
+                js,
+                &raw.subject,
+                Some(&raw.headers),
+                raw.payload.clone(),
+                &dedup,
+                &reason,
+                adv.deliveries,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
         }
         stream
             .delete_message(adv.stream_seq)

@@ -22,6 +22,9 @@ pub struct Fetcher {
     handle: Option<Consumer<pull::Config>>,
     expires: Duration,
     failures: u32,
+    /// The last batch ended with an error status (consumer deleted, no responders):
+    /// back off and look the consumer up again before the next pull.
+    broken: bool,
 }
 
 impl Fetcher {
@@ -34,6 +37,7 @@ impl Fetcher {
             handle: None,
             expires: Duration::from_secs(1),
             failures: 0,
+            broken: false,
         }
     }
 
@@ -67,6 +71,11 @@ impl Fetcher {
         loop {
             if cancel.is_cancelled() {
                 return None;
+            }
+            if std::mem::take(&mut self.broken) {
+                self.handle = None;
+                self.pause(cancel).await;
+                continue;
             }
             if self.handle.is_none() {
                 let lookup = async {
@@ -122,7 +131,8 @@ impl Fetcher {
         match batch.next().await? {
             Ok(m) => Some(m),
             Err(e) => {
-                tracing::debug!(consumer = %self.consumer, error = %e, "pull batch ended with a status");
+                tracing::warn!(consumer = %self.consumer, error = %e, "pull request failed; backing off");
+                self.broken = true;
                 None
             }
         }

@@ -44,15 +44,14 @@ impl StoreError {
         match e {
             sqlx::Error::Database(db) => {
                 let code = db.code().map(|c| c.to_string()).unwrap_or_default();
-                // 08: connection exception; 57P0x: shutdown; 53: resources; 40: serialization.
-                if code.starts_with("08")
-                    || code.starts_with("57P")
-                    || code.starts_with("53")
-                    || code.starts_with("40")
-                {
-                    StoreError::Unavailable(db.to_string())
-                } else {
+                // Only the record's own data can make a write fail for good: 21
+                // cardinality, 22 data exception (e.g. a payload jsonb cannot hold), 23
+                // integrity. Anything else (missing tables before `migrate`, a read-only
+                // failover, timeouts, connection trouble) is retried until it clears.
+                if code.starts_with("21") || code.starts_with("22") || code.starts_with("23") {
                     StoreError::Rejected(format!("{} ({code})", db.message()))
+                } else {
+                    StoreError::Unavailable(format!("{} ({code})", db.message()))
                 }
             }
             other => StoreError::Unavailable(other.to_string()),

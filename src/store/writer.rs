@@ -98,6 +98,23 @@ impl Writer {
         out
     }
 
+    /// Writes a `dead` record. If Postgres refuses the job's own data (say, a payload
+    /// `jsonb` cannot hold), the record is written again without payload, features or
+    /// result, so a job that can never be stored can still be recorded dead.
+    pub async fn write_dead(&self, mut record: Record) -> Result<Commit, StoreError> {
+        match self.write(record.clone()).await {
+            Err(StoreError::Rejected(e)) => {
+                record.payload = "null".into();
+                record.features = None;
+                record.result = None;
+                let reason = record.error.take().unwrap_or_default();
+                record.error = Some(format!("{reason} (payload not stored: {e})"));
+                self.write(record).await
+            }
+            other => other,
+        }
+    }
+
     /// Records that attempt `attempt` of job `id` is still running. Never waits: when
     /// the writer is backed up the heartbeat is skipped (the next one will do).
     pub fn touch(&self, id: JobId, attempt: i32) {
@@ -186,8 +203,9 @@ impl Task {
                 })
                 .or_insert(i);
         }
+        // Lock rows in id order, so concurrent writers cannot deadlock.
         let mut idx: Vec<usize> = winner.values().copied().collect();
-        idx.sort_unstable();
+        idx.sort_unstable_by_key(|&i| batch[i].record.id);
         let records: Vec<&Record> = idx.iter().map(|&i| &batch[i].record).collect();
 
         let results: HashMap<JobId, Result<Commit, StoreError>> =
@@ -240,8 +258,19 @@ impl Task {
         records: &[&Record],
     ) -> Result<Vec<(JobId, Commit)>, StoreError> {
         let mut delay = Duration::from_millis(100);
+        // After the hard stop a statement gets a last few seconds, so a half-open
+        // connection cannot hold the shutdown forever.
+        let deadline = async {
+            self.hard_stop.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(5)).await;
+        };
+        tokio::pin!(deadline);
         loop {
-            match execute(&self.pool, records).await {
+            let result = tokio::select! {
+                r = execute(&self.pool, records) => r,
+                _ = &mut deadline => return Err(StoreError::ShuttingDown),
+            };
+            match result {
                 Ok(v) => return Ok(v),
                 Err(e) => match StoreError::classify(&e) {
                     StoreError::Unavailable(msg) => {

@@ -296,11 +296,44 @@ async fn the_predictor_stops_on_sigterm_without_losing_or_doubling_a_submission(
     );
 
     env.start_predictor();
-    eventually("every submission routed", DEADLINE, || async {
-        (env.stream_len("JOBS_SUBMIT").await == 0 && count(&env, "queued").await == 2000)
-            .then_some(())
-    })
-    .await;
+    let mut last = String::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let waiting = env.stream_len("JOBS_SUBMIT").await;
+        let queued = count(&env, "queued").await;
+        if waiting == 0 && queued == 2000 {
+            break;
+        }
+        let c = env
+            .js
+            .get_stream("JOBS_SUBMIT")
+            .await
+            .unwrap()
+            .get_consumer::<pull::Config>("predictor")
+            .await;
+        let info = match c {
+            Ok(mut c) => format!(
+                "{:?}",
+                c.info().await.map(|i| (
+                    i.num_pending,
+                    i.num_ack_pending,
+                    i.num_redelivered,
+                    i.num_waiting
+                ))
+            ),
+            Err(e) => e.to_string(),
+        };
+        last = format!("JOBS_SUBMIT {waiting}, queued {queued}, predictor (pending, ack pending, redelivered, waiting) {info}, counts {:?}, dead letters {:?}",
+            env.counts().await,
+            env.dead_letters().await.iter().map(|d| (d.error.clone(), d.attempts.clone())).collect::<Vec<_>>()
+        );
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not every submission was routed: {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(last);
     assert_eq!(
         env.stream_len("JOBS_RUN").await,
         2000,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use async_nats::jetstream;
 use async_nats::HeaderMap;
+use futures::StreamExt;
 use mlsched::config::{Secret, Settings};
 use mlsched::job::{self, JobId, Kind};
 use mlsched::runtime::Shutdown;
@@ -321,9 +322,64 @@ impl TestEnv {
         })
     }
 
+    /// Like [`eventually`], but a timeout also reports the state of the stack.
+    pub async fn eventually<T, F, Fut>(&self, what: &str, timeout: Duration, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                panic!(
+                    "timed out after {timeout:?} waiting for {what}\n{}",
+                    self.diagnose().await
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+
+    /// Rows per status, stream sizes, consumer states and dead letters.
+    pub async fn diagnose(&self) -> String {
+        let mut out = format!("rows: {:?}\n", self.counts().await);
+        for name in ["JOBS_SUBMIT", "JOBS_RUN", "JOBS_DEAD", "JOBS_ADVISORIES"] {
+            let Ok(mut stream) = self.js.get_stream(name).await else {
+                continue;
+            };
+            let Ok(info) = stream.info().await else {
+                continue;
+            };
+            out.push_str(&format!("{name}: {} messages\n", info.state.messages));
+            let names: Vec<String> = stream
+                .consumer_names()
+                .filter_map(|n| async { n.ok() })
+                .collect()
+                .await;
+            for c in names {
+                if let Ok(ci) = stream.consumer_info(&c).await {
+                    out.push_str(&format!(
+                        "  {c}: pending {} ack-pending {} redelivered {} waiting {}\n",
+                        ci.num_pending, ci.num_ack_pending, ci.num_redelivered, ci.num_waiting
+                    ));
+                }
+            }
+        }
+        for d in self.dead_letters().await {
+            out.push_str(&format!(
+                "dead letter {} attempts {}: {}\n",
+                d.subject, d.attempts, d.error
+            ));
+        }
+        out
+    }
+
     /// Waits until the job's status is `status`.
     pub async fn wait_for_status(&self, id: JobId, status: &str) -> JobState {
-        eventually(&format!("job {id} to be {status}"), DEADLINE, || async {
+        self.eventually(&format!("job {id} to be {status}"), DEADLINE, || async {
             self.row(id).await.filter(|r| r.status == status)
         })
         .await
@@ -331,7 +387,7 @@ impl TestEnv {
 
     /// Waits until `n` jobs are finished (succeeded, dead or cancelled).
     pub async fn wait_for_finished(&self, n: i64) {
-        eventually(&format!("{n} finished jobs"), DEADLINE * 2, || async {
+        self.eventually(&format!("{n} finished jobs"), DEADLINE * 2, || async {
             let done: i64 = sqlx::query_scalar(
                 "SELECT count(*) FROM jobs WHERE status IN ('succeeded','dead','cancelled')",
             )

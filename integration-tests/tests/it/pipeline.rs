@@ -148,6 +148,12 @@ async fn malformed_bodies_are_dead_lettered_with_reasons_while_valid_jobs_flow()
             br#"{"kind":"noop","payload":{"s":"\u0000"}}"#.to_vec(),
             "cannot record the job",
         ),
+        // The same on the direct path: recorded dead without its payload.
+        (
+            "jobs.run.fast.noop",
+            br#"{"kind":"noop","payload":{"s":"\u0000"}}"#.to_vec(),
+            "cannot record the job",
+        ),
     ];
     let mut valid = Vec::new();
     for (subject, body, _) in &bad {

@@ -1,5 +1,7 @@
 //! The built-in job kinds: `noop`, `sleep`, `cpu` and `http`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -54,18 +56,30 @@ struct CpuArgs {
 }
 
 /// Deterministic compute: a xorshift chain of `iterations` steps. Large jobs run on
-/// the blocking pool so they never stall other jobs' I/O.
+/// the blocking pool so they never stall other jobs' I/O, and stop early once the
+/// attempt is abandoned (timeout, hard stop): the thread is not left spinning.
 async fn cpu(job: JobInput) -> HandlerResult {
+    struct Abandon(Arc<AtomicBool>);
+    impl Drop for Abandon {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
     let args: CpuArgs = job.payload()?;
+    let abandoned = Arc::new(AtomicBool::new(false));
+    let _guard = Abandon(abandoned.clone());
     let work = move || {
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         for i in 0..args.iterations {
+            if i % (1 << 20) == 0 && abandoned.load(Ordering::Relaxed) {
+                return None;
+            }
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
             x = x.wrapping_add(i);
         }
-        x
+        Some(x)
     };
     let checksum = if args.iterations < 100_000 {
         work()
@@ -74,6 +88,7 @@ async fn cpu(job: JobInput) -> HandlerResult {
             .await
             .map_err(|e| HandlerError::retry(format!("compute task failed: {e}")))?
     };
+    let checksum = checksum.ok_or_else(|| HandlerError::retry("abandoned"))?;
     Ok(json!({"iterations": args.iterations, "checksum": checksum.to_string()}))
 }
 

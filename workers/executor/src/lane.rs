@@ -47,13 +47,11 @@ pub(crate) fn decide(
     match outcome {
         Ok(_) => (Status::Succeeded, None),
         Err(HandlerError::Retry { after, .. }) if attempt < max_attempts => {
-            let delay = after.unwrap_or_else(|| {
-                backoff(
-                    attempt,
-                    Duration::from_millis(settings.retry.base_ms),
-                    Duration::from_millis(settings.retry.max_ms),
-                )
-            });
+            let max = Duration::from_millis(settings.retry.max_ms);
+            let delay = match after {
+                Some(d) => (*d).min(max),
+                None => backoff(attempt, Duration::from_millis(settings.retry.base_ms), max),
+            };
             (Status::Failed, Some(delay))
         }
         Err(_) => (Status::Dead, None),
@@ -95,8 +93,10 @@ pub(crate) async fn run(
             break;
         };
         while let Some(msg) = fetcher.next(&mut batch).await {
+            // A message already delivered is run even after a soft stop: handing it
+            // back would spend one of its attempts without running it.
             match permits.pop() {
-                Some(permit) if !soft.is_cancelled() => {
+                Some(permit) => {
                     let ctx = ctx.clone();
                     let lane = lane.clone();
                     tracker.spawn(async move {
@@ -105,8 +105,8 @@ pub(crate) async fn run(
                         drop(permit);
                     });
                 }
-                // Stopping (or the server sent more than asked): hand it back at once.
-                _ => apply(&msg, Settle::Requeue).await,
+                // The server sent more than asked for: hand it back at once.
+                None => apply(&msg, Settle::Requeue).await,
             }
         }
     }
@@ -120,8 +120,15 @@ async fn apply(msg: &Message, settle: Settle) {
         Settle::Requeue => AckKind::Nak(None),
         Settle::Term => AckKind::Term,
     };
-    if let Err(e) = msg.ack_with(kind).await {
-        tracing::warn!(error = %e, subject = %msg.subject, "ack not sent; the message will be redelivered");
+    // During a NATS outage an ack may not go out; the message is redelivered then.
+    match tokio::time::timeout(Duration::from_secs(5), msg.ack_with(kind)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, subject = %msg.subject, "ack not sent; the message will be redelivered")
+        }
+        Err(_) => {
+            tracing::warn!(subject = %msg.subject, "ack timed out; the message will be redelivered")
+        }
     }
 }
 
@@ -226,6 +233,10 @@ async fn run_job(
     };
     match claim {
         Ok(c) if c.applied => {}
+        Ok(c) if c.status == Status::Dead => {
+            let reason = "recorded dead by an earlier delivery".to_string();
+            return give_up(ctx, msg, &job, base, reason, delivered).await;
+        }
         Ok(c) if c.status.is_terminal() => {
             tracing::info!(status = %c.status, "job already finished; acking without running it again");
             return Settle::Ack;
@@ -328,8 +339,10 @@ async fn run_job(
     }
 }
 
-/// Dead-letters the job (published first, so a crash before the record cannot lose
-/// it), records it `dead`, and terminates the message.
+/// Records the job `dead`, then publishes it to `jobs.dead.<kind>`, then terminates
+/// the message. Recording first means a job that already succeeded (its ack was lost)
+/// is never dead-lettered; a crash between the two steps finds the row dead on the next
+/// delivery and publishes the dead letter then (deduplicated by job id).
 async fn give_up(
     ctx: &Ctx,
     msg: &Message,
@@ -338,7 +351,24 @@ async fn give_up(
     reason: String,
     attempts: u32,
 ) -> Settle {
-    if let Err(e) = dead_letter(
+    let mut rec = base.moved(Status::Dead);
+    rec.finished_at = Some(Utc::now());
+    rec.error = Some(reason.clone());
+    match ctx.writer.write_dead(rec).await {
+        Ok(c) if c.status != Status::Dead => {
+            tracing::info!(status = %c.status, "job already finished; not dead-lettering it");
+            return Settle::Ack;
+        }
+        Ok(_) => {}
+        Err(StoreError::Rejected(e)) => {
+            tracing::error!(error = %e, "dead record refused; dead-lettering anyway")
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "dead record not written; handing the job back");
+            return Settle::Requeue;
+        }
+    }
+    let published = dead_letter(
         &ctx.js,
         &msg.subject,
         msg.headers.as_ref(),
@@ -347,26 +377,15 @@ async fn give_up(
         &reason,
         attempts.into(),
     )
-    .await
-    {
-        tracing::warn!(error = %e, "dead letter not stored; will retry");
-        return Settle::Retry(Duration::from_secs(1));
-    }
-    let mut rec = base.moved(Status::Dead);
-    rec.finished_at = Some(Utc::now());
-    rec.error = Some(reason.clone());
-    let recorded = tokio::select! {
-        r = ctx.writer.write(rec) => r,
-        _ = ctx.hard.cancelled() => return Settle::Requeue,
-    };
-    match recorded {
-        Ok(_) => {
+    .await;
+    match published {
+        Ok(()) => {
             tracing::warn!(%reason, "job dead-lettered");
             Settle::Term
         }
         Err(e) => {
-            tracing::warn!(error = %e, "dead record not written; handing the job back");
-            Settle::Requeue
+            tracing::warn!(error = %e, "dead letter not stored; will retry");
+            Settle::Retry(Duration::from_secs(1))
         }
     }
 }

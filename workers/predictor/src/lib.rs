@@ -55,8 +55,9 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     drop(writer);
     writer_tasks.close();
     writer_tasks.wait().await;
-    if let Err(e) = client.flush().await {
-        tracing::warn!(error = %e, "could not flush the last acks");
+    match tokio::time::timeout(std::time::Duration::from_secs(5), client.flush()).await {
+        Ok(Ok(())) => {}
+        _ => tracing::warn!("could not flush the last acks; those messages will be redelivered"),
     }
     tracing::info!("predictor stopped");
     Ok(())

@@ -7,6 +7,7 @@
 //! share one statement and one round of acks. An invalid body is dead-lettered with its
 //! reason and terminated; it never holds up the valid ones around it.
 
+use std::future::IntoFuture;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, context::PublishAckFuture, message::AckKind, Message};
@@ -15,7 +16,7 @@ use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use mlsched::config::Settings;
 use mlsched::job::{self, envelope::IdSource, Job, JobId, Status};
-use mlsched::runtime::{dead_letter, Fetcher};
+use mlsched::runtime::{backoff, dead_letter, Fetcher};
 use mlsched::store::{Record, StoreError, Writer};
 use tokio_util::sync::CancellationToken;
 
@@ -40,10 +41,8 @@ pub(crate) async fn run(stage: Stage, client: async_nats::Client, soft: Cancella
                     _ => break,
                 }
             }
-            if soft.is_cancelled() {
-                settle_all(&group, AckKind::Nak(None)).await;
-                continue;
-            }
+            // Submissions already delivered are routed even after a soft stop: handing
+            // them back would spend one of their deliveries for nothing.
             stage.route(group).await;
         }
     }
@@ -52,8 +51,10 @@ pub(crate) async fn run(stage: Stage, client: async_nats::Client, soft: Cancella
 
 async fn settle_all(msgs: &[Message], kind: AckKind) {
     for m in msgs {
-        if let Err(e) = m.ack_with(kind).await {
-            tracing::warn!(error = %e, "ack not sent; the submission will be redelivered");
+        // During a NATS outage an ack may not go out; the submission is redelivered then.
+        let sent = tokio::time::timeout(Duration::from_secs(5), m.ack_with(kind)).await;
+        if !matches!(sent, Ok(Ok(()))) {
+            tracing::warn!("ack not sent; the submission will be redelivered");
         }
     }
 }
@@ -129,7 +130,10 @@ impl Stage {
                 )
             })
             .collect();
-        let commits = self.writer.write_all(records).await;
+        let msgs: Vec<&Message> = valid.iter().map(|v| &v.msg).collect();
+        let commits = self
+            .progress_while(&msgs, self.writer.write_all(records))
+            .await;
 
         let mut publishes: Vec<(Valid, PublishAckFuture)> = Vec::with_capacity(valid.len());
         for (v, commit) in valid.into_iter().zip(commits) {
@@ -140,7 +144,7 @@ impl Stage {
                     Ok(ack) => publishes.push((v, ack)),
                     Err(e) => {
                         tracing::warn!(id = %v.job.id, error = %e, "publish to the run stream failed; will retry");
-                        settle(&v.msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                        settle(&v.msg, AckKind::Nak(Some(self.retry_delay(&v.msg)))).await;
                     }
                 },
                 // Already running or finished: it was routed before.
@@ -161,12 +165,50 @@ impl Stage {
                 }
             }
         }
-        for (v, ack) in publishes {
-            match ack.await {
+        // Await the acks together: each has its own timeout, and after a NATS restart
+        // the lost ones must time out at once, not one after another.
+        let (routed, acks): (Vec<Valid>, Vec<PublishAckFuture>) = publishes.into_iter().unzip();
+        let results = futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await;
+        for (v, ack) in routed.into_iter().zip(results) {
+            match ack {
                 Ok(_) => settle(&v.msg, AckKind::Ack).await,
                 Err(e) => {
                     tracing::warn!(id = %v.job.id, error = %e, "run publish not acknowledged; will retry");
-                    settle(&v.msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                    settle(&v.msg, AckKind::Nak(Some(self.retry_delay(&v.msg)))).await;
+                }
+            }
+        }
+    }
+
+    /// Backoff before a submission is offered again after a failure of ours (a full run
+    /// stream, NATS trouble), from its delivery count, so a long outage spends few of
+    /// its deliveries.
+    fn retry_delay(&self, msg: &Message) -> Duration {
+        let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+        backoff(
+            delivered,
+            Duration::from_millis(self.settings.retry.base_ms),
+            Duration::from_millis(self.settings.retry.max_ms),
+        )
+    }
+
+    /// Runs `work` while sending in-progress acks for `msgs`, so a slow Postgres does
+    /// not let their AckWait expire.
+    async fn progress_while<F: std::future::Future>(
+        &self,
+        msgs: &[&Message],
+        work: F,
+    ) -> F::Output {
+        let every = Duration::from_millis(self.settings.executor.heartbeat_ms);
+        tokio::pin!(work);
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+        loop {
+            tokio::select! {
+                out = &mut work => return out,
+                _ = tick.tick() => {
+                    for m in msgs {
+                        let _ = tokio::time::timeout(every, m.ack_with(AckKind::Progress)).await;
+                    }
                 }
             }
         }
@@ -221,7 +263,7 @@ impl Stage {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "dead letter not stored; will retry");
-                settle(msg, AckKind::Nak(Some(Duration::from_secs(1)))).await;
+                settle(msg, AckKind::Nak(Some(self.retry_delay(msg)))).await;
             }
         }
     }
