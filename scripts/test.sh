@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The test command: formatting, lints, unit tests, and the integration tests against
-# real processes, once with the distribution's nats-server and once with a current
-# release. Sets up what is missing first (scripts/setup.sh).
+# The test command: formatting, lints, unit tests, the integration tests against real
+# processes (once with the distribution's nats-server, once with a current release),
+# and the acceptance run with an outside Python producer against the built binaries.
+# Sets up what is missing first (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,5 +22,9 @@ MLSCHED_NATS_SERVER="$system_nats" cargo test --workspace --locked
 
 step "integration tests with $("$current_nats" --version)"
 MLSCHED_NATS_SERVER="$current_nats" cargo test --locked -p integration-tests --test it
+
+step "acceptance: a Python producer, duplicates, malformed bodies, kill -9 of an executor"
+cargo build --workspace --bins --locked
+scripts/acceptance.sh "${CARGO_TARGET_DIR:-target}/debug" --jobs 3000
 
 step "all tests passed"

@@ -6,6 +6,7 @@
 //! creates a second row or undoes a finished job.
 
 mod record;
+mod upsert;
 mod writer;
 
 use std::time::Duration;

@@ -2,7 +2,8 @@
 
 use serde_json::{json, Value};
 
-use crate::harness::{eventually, http_server, TestEnv, DEADLINE};
+use crate::harness::{eventually, TestEnv, DEADLINE};
+use crate::http::http_server;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_apply_is_idempotent_and_reports_what_it_changed() {

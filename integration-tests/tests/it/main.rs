@@ -4,4 +4,5 @@
 mod cli;
 mod faults;
 mod harness;
+mod http;
 mod pipeline;

@@ -288,7 +288,7 @@ async fn http_jobs_succeed_on_2xx_retry_on_5xx_and_die_on_4xx() {
     let mut env = TestEnv::start().await;
     env.start_predictor();
     env.start_executor();
-    let server = crate::harness::http_server(vec![
+    let server = crate::http::http_server(vec![
         ("/ok", vec![200]),
         ("/flaky", vec![503, 200]),
         ("/missing", vec![404]),

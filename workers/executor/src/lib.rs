@@ -3,12 +3,14 @@
 //! - [`handler`]: the contract users implement ([`Handler`], [`HandlerError`]) and the
 //!   [`Registry`] of kinds.
 //! - [`kinds`]: the built-in kinds `noop`, `sleep`, `cpu` and `http`.
-//! - `lane`: the consume loop of one lane and the life of one attempt.
+//! - `lane`: the consume loop of one lane.
+//! - `attempt`: the life of one attempt, and how its outcome settles the message.
 //!
 //! [`run`] runs the built-in kinds; [`run_with`] runs your own registry. Both return
 //! after a graceful shutdown: cancel `shutdown.soft` (SIGTERM does, in the binary) and
 //! in-flight jobs get `shutdown.grace_s` to finish before they are handed back.
 
+mod attempt;
 pub mod handler;
 pub mod kinds;
 mod lane;
