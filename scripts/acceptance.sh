@@ -14,7 +14,7 @@ if [ ! -d "$py/nats" ]; then
 fi
 bin_dir="${1:-}"
 if [ -z "$bin_dir" ]; then
-    cargo build --release --locked --bins
+    cargo build --release --locked -p mlsched -p mlsched-executor -p mlsched-predictor
     bin_dir="${CARGO_TARGET_DIR:-target}/release"
 fi
 PYTHONPATH="$py" exec python3 scripts/acceptance.py "$bin_dir" "${@:2}"

@@ -5,5 +5,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
-cargo build --release --locked --bins
+cargo build --release --locked -p mlsched -p mlsched-executor -p mlsched-predictor
 exec target/release/mlsched dev "$@"

@@ -24,7 +24,7 @@ step "integration tests with $("$current_nats" --version)"
 MLSCHED_NATS_SERVER="$current_nats" cargo test --locked -p integration-tests --test it
 
 step "acceptance: a Python producer, duplicates, malformed bodies, kill -9 of an executor"
-cargo build --workspace --bins --locked
+cargo build --locked -p mlsched -p mlsched-executor -p mlsched-predictor
 scripts/acceptance.sh "${CARGO_TARGET_DIR:-target}/debug" --jobs 3000
 
 step "all tests passed"

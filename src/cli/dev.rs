@@ -71,7 +71,7 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     let path = exe.with_file_name(name);
     if !path.is_file() {
         bail!(
-            "{} not found next to {}: build the workspace (cargo build --release)",
+            "{} not found next to {}: build the workers too (cargo build --release --workspace)",
             name,
             exe.display()
         );
