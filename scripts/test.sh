@@ -6,8 +6,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-current_nats="$(scripts/setup.sh | tail -n 1)"
-system_nats="$(command -v nats-server || echo /usr/sbin/nats-server)"
+eval "$(scripts/setup.sh)"
+system_nats="$SYSTEM_NATS"
+current_nats="$CURRENT_NATS"
+export MLSCHED_NATS_SERVER="$system_nats"
 
 step() { printf '\n==> %s\n' "$*"; }
 
