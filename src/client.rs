@@ -27,9 +27,7 @@ pub enum ConnectError {
     #[error("nats.url is invalid: {0}")]
     BadUrl(String),
     /// The server is older than 2.9.0 or has JetStream off.
-    #[error(
-        "nats-server {0} is not supported: mlsched needs 2.9.0 or newer with JetStream enabled"
-    )]
+    #[error("nats-server {0} is not supported: mlsched needs 2.9.0 or newer with JetStream enabled")]
     Unsupported(String),
 }
 
@@ -51,6 +49,7 @@ pub async fn connect(
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Disconnected => {
+                        metrics::counter!(crate::telemetry::metrics::NATS_DISCONNECTS).increment(1);
                         tracing::warn!("NATS connection lost; reconnecting")
                     }
                     async_nats::Event::Connected => tracing::info!("NATS connected"),
@@ -67,8 +66,7 @@ pub async fn connect(
         match attempt {
             Ok(client) => {
                 let info = client.server_info();
-                let ok = ServerVersion::parse(&info.version)
-                    .is_some_and(|v| v >= ServerVersion(2, 9, 0));
+                let ok = ServerVersion::parse(&info.version).is_some_and(|v| v >= ServerVersion(2, 9, 0));
                 if !ok || !info.jetstream {
                     return Err(ConnectError::Unsupported(info.version));
                 }

@@ -69,6 +69,8 @@ pub struct Settings {
     pub store: StoreSettings,
     /// `[log]`
     pub log: LogSettings,
+    /// `[metrics]`
+    pub metrics: MetricsSettings,
 }
 
 /// `[nats]`: the NATS connection.
@@ -222,6 +224,27 @@ impl Default for StoreSettings {
     }
 }
 
+/// `[metrics]`: the operations endpoint and SLO sampling.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Address of `/metrics`, `/healthz` and `/readyz`; empty turns it off.
+    /// Default `0.0.0.0:9464`.
+    pub listen: String,
+    /// How often the predictor samples stream backlog for the SLO metrics, ms.
+    /// Default 5000.
+    pub sample_interval_ms: u64,
+}
+
+impl Default for MetricsSettings {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:9464".into(),
+            sample_interval_ms: 5000,
+        }
+    }
+}
+
 /// `[log]`: log output.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -250,17 +273,11 @@ impl Settings {
     }
 
     /// [`Settings::load`] with the environment given explicitly (for tests).
-    pub fn load_from(
-        file: Option<&Path>,
-        env: &[(String, String)],
-    ) -> Result<Settings, ConfigError> {
+    pub fn load_from(file: Option<&Path>, env: &[(String, String)]) -> Result<Settings, ConfigError> {
         let mut builder = config::Config::builder();
         match file {
             Some(path) => builder = builder.add_source(config::File::from(path).required(true)),
-            None => {
-                builder =
-                    builder.add_source(config::File::with_name("mlsched.toml").required(false))
-            }
+            None => builder = builder.add_source(config::File::with_name("mlsched.toml").required(false)),
         }
         let source: std::collections::HashMap<String, String> = env
             .iter()
@@ -300,20 +317,21 @@ impl Settings {
             }
         };
         positive("nats.request_timeout_ms", self.nats.request_timeout_ms);
-        positive(
-            "database.max_connections",
-            self.database.max_connections.into(),
-        );
+        positive("database.max_connections", self.database.max_connections.into());
         positive("executor.concurrency", self.executor.concurrency as u64);
         positive("executor.fetch_batch", self.executor.fetch_batch as u64);
-        positive(
-            "executor.default_timeout_ms",
-            self.executor.default_timeout_ms,
-        );
+        positive("executor.default_timeout_ms", self.executor.default_timeout_ms);
         positive("executor.heartbeat_ms", self.executor.heartbeat_ms);
         positive("predictor.batch_size", self.predictor.batch_size as u64);
         positive("retry.base_ms", self.retry.base_ms);
         positive("store.batch_max", self.store.batch_max as u64);
+        positive("metrics.sample_interval_ms", self.metrics.sample_interval_ms);
+        if !self.metrics.listen.is_empty() && self.metrics.listen.parse::<std::net::SocketAddr>().is_err() {
+            errs.push(format!(
+                "metrics.listen: {:?} is not an address like 0.0.0.0:9464 (empty turns it off)",
+                self.metrics.listen
+            ));
+        }
         if self.executor.lanes.is_empty() {
             errs.push("executor.lanes: name at least one lane".into());
         }
@@ -375,8 +393,7 @@ impl Settings {
             .lanes
             .get(kind.as_str())
             .unwrap_or(&self.predictor.default_lane);
-        Lane::new(name.as_str())
-            .unwrap_or_else(|_| Lane::new("fast").expect("constant lane is valid"))
+        Lane::new(name.as_str()).unwrap_or_else(|_| Lane::new("fast").expect("constant lane is valid"))
     }
 
     /// The drain grace period.
@@ -390,10 +407,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! - [`client`]: connecting to NATS and publishing jobs.
 //! - [`store`]: Postgres: migrations, the group-committing writer, read queries.
 //! - [`runtime`]: what workers share: shutdown, backoff, fetching, dead-lettering.
+//! - [`slo`]: the backlog SLIs sampled from JetStream.
 //! - [`stack`]: private `nats-server` and Postgres processes for `mlsched dev` and tests.
-//! - [`telemetry`]: log output, as text or JSON.
+//! - [`telemetry`]: logs, Prometheus metrics and the `/metrics` `/healthz` `/readyz` endpoint.
 //! - [`cli`]: the `mlsched` command line.
 
 pub mod cli;
@@ -20,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod job;
 pub mod runtime;
+pub mod slo;
 pub mod stack;
 pub mod store;
 pub mod streams;

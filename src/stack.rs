@@ -55,7 +55,11 @@ pub fn nats_server_binary() -> io::Result<PathBuf> {
     }
     on_path("nats-server")
         .or_else(|| Some(PathBuf::from("/usr/sbin/nats-server")).filter(|p| p.is_file()))
-        .ok_or_else(|| io::Error::other("nats-server not found: install it (apt-get install nats-server) or set MLSCHED_NATS_SERVER"))
+        .ok_or_else(|| {
+            io::Error::other(
+                "nats-server not found: install it (apt-get install nats-server) or set MLSCHED_NATS_SERVER",
+            )
+        })
 }
 
 /// A private `nats-server -js` with monitoring on.
@@ -149,19 +153,12 @@ pub fn postgres_bin_dir() -> io::Result<PathBuf> {
         .into_iter()
         .flatten()
         .flatten()
-        .filter_map(|e| {
-            Some((
-                e.file_name().to_str()?.parse::<u32>().ok()?,
-                e.path().join("bin"),
-            ))
-        })
+        .filter_map(|e| Some((e.file_name().to_str()?.parse::<u32>().ok()?, e.path().join("bin"))))
         .filter(|(_, p)| p.join("initdb").is_file())
         .collect();
     versions.sort();
     versions.pop().map(|(_, p)| p).ok_or_else(|| {
-        io::Error::other(
-            "PostgreSQL server binaries not found: install them (apt-get install postgresql)",
-        )
+        io::Error::other("PostgreSQL server binaries not found: install them (apt-get install postgresql)")
     })
 }
 
@@ -173,11 +170,7 @@ fn postgres_user() -> io::Result<(u32, u32)> {
         .map(|l| l.split(':').collect::<Vec<_>>())
         .find(|f| f.first() == Some(&"postgres") && f.len() > 3)
         .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?)))
-        .ok_or_else(|| {
-            io::Error::other(
-                "running as root, but there is no `postgres` user to run PostgreSQL as",
-            )
-        })
+        .ok_or_else(|| io::Error::other("running as root, but there is no `postgres` user to run PostgreSQL as"))
 }
 
 fn is_root() -> bool {
@@ -200,11 +193,7 @@ impl PgCluster {
     /// `durable = false` turns fsync off, for tests.
     pub fn start(dir: &Path, durable: bool) -> io::Result<PgCluster> {
         std::fs::create_dir_all(dir)?;
-        let user = if is_root() {
-            Some(postgres_user()?)
-        } else {
-            None
-        };
+        let user = if is_root() { Some(postgres_user()?) } else { None };
         if let Some((uid, gid)) = user {
             check_reachable(dir, uid)?;
             std::os::unix::fs::chown(dir, Some(uid), Some(gid))?;
@@ -229,9 +218,8 @@ impl PgCluster {
                     String::from_utf8_lossy(&out.stderr)
                 )));
             }
-            let mut conf = String::from(
-                "listen_addresses = '127.0.0.1'\nmax_connections = 200\nshared_buffers = '128MB'\n",
-            );
+            let mut conf =
+                String::from("listen_addresses = '127.0.0.1'\nmax_connections = 200\nshared_buffers = '128MB'\n");
             if !durable {
                 conf.push_str("fsync = off\nsynchronous_commit = off\nfull_page_writes = off\n");
             }
@@ -257,10 +245,7 @@ impl PgCluster {
             return Ok(());
         }
         let log = self.dir.join("postgres.log");
-        let logfile = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&log)?;
+        let logfile = std::fs::OpenOptions::new().create(true).append(true).open(&log)?;
         if let Some((uid, gid)) = self.user {
             std::os::unix::fs::chown(&log, Some(uid), Some(gid))?;
         }
@@ -281,9 +266,7 @@ impl PgCluster {
     /// Stops the server with a fast shutdown (clients are disconnected).
     pub fn stop(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill")
-                .args(["-INT", &c.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-INT", &c.id().to_string()]).status();
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 if let Ok(Some(_)) = c.try_wait() {

@@ -45,9 +45,7 @@ struct Workers(Vec<(String, Child)>);
 impl Workers {
     fn stop(&mut self) {
         for (_, c) in &self.0 {
-            let _ = Command::new("kill")
-                .args(["-TERM", &c.id().to_string()])
-                .status();
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
         }
         for (name, c) in &mut self.0 {
             match c.wait() {
@@ -104,9 +102,7 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
     let _pg = if std::env::var_os("DATABASE_URL").is_none() {
         let cluster = PgCluster::start(&data.join("pg"), false)?;
         let admin = PgPool::connect(&cluster.url("postgres")).await?;
-        sqlx::query("CREATE DATABASE mlsched")
-            .execute(&admin)
-            .await?;
+        sqlx::query("CREATE DATABASE mlsched").execute(&admin).await?;
         admin.close().await;
         settings.database.url = Secret::new(cluster.url("mlsched"));
         println!("postgres         {}", cluster.url("mlsched"));
@@ -128,6 +124,7 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
     }
 
     let mut workers = Workers(Vec::new());
+    let mut metrics_urls = Vec::new();
     let env = [
         ("NATS_URL", settings.nats.url.expose().to_string()),
         ("DATABASE_URL", settings.database.url.expose().to_string()),
@@ -142,26 +139,26 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
         if std::env::var_os("MLSCHED__RETRY__BASE_MS").is_none() {
             cmd.env("MLSCHED__RETRY__BASE_MS", "200");
         }
-        workers.0.push((
-            name,
-            cmd.spawn().with_context(|| format!("starting {bin}"))?,
-        ));
+        // Each process gets its own operations port on this machine.
+        let port = stack::free_port()?;
+        cmd.env("MLSCHED__METRICS__LISTEN", format!("127.0.0.1:{port}"));
+        metrics_urls.push(format!("{name} http://127.0.0.1:{port}/metrics"));
+        workers
+            .0
+            .push((name, cmd.spawn().with_context(|| format!("starting {bin}"))?));
         Ok(())
     };
     spawn("mlsched-predictor", "predictor".into())?;
     for i in 1..=args.executors {
         spawn("mlsched-executor", format!("executor-{i}"))?;
     }
-    let pids: Vec<String> = workers
-        .0
-        .iter()
-        .map(|(n, c)| format!("{n} (pid {})", c.id()))
-        .collect();
+    let pids: Vec<String> = workers.0.iter().map(|(n, c)| format!("{n} (pid {})", c.id())).collect();
     println!(
         "workers          {}; logs in {}",
         pids.join(", "),
         data.join("logs").display()
     );
+    println!("metrics          {}", metrics_urls.join(", "));
 
     if args.jobs > 0 {
         demo(&client, &pool, args.jobs).await?;
@@ -173,10 +170,7 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
             settings.nats.url.expose()
         );
         println!("  or with any NATS client: publish {{\"kind\":\"noop\",\"payload\":{{}}}} to jobs.submit.noop (README: publishing jobs)");
-        println!(
-            "  DATABASE_URL={} mlsched status <id>",
-            settings.database.url.expose()
-        );
+        println!("  DATABASE_URL={} mlsched status <id>", settings.database.url.expose());
         println!("Ctrl-C stops everything.");
         crate::runtime::shutdown_signal().await;
     }
@@ -204,10 +198,7 @@ const MALFORMED: &[(&str, &[u8])] = &[
     ("noop", b"this is not json"),
     ("noop", br#"{"kind":"noop"}"#),
     ("noop", br#"{"kind":"cpu","payload":{}}"#),
-    (
-        "sleep",
-        br#"{"kind":"sleep","payload":{},"max_attempts":0}"#,
-    ),
+    ("sleep", br#"{"kind":"sleep","payload":{},"max_attempts":0}"#),
     ("cpu", b"\xff\xfe\x00"),
 ];
 
@@ -226,11 +217,7 @@ async fn demo(client: &async_nats::Client, pool: &PgPool, n: u64) -> anyhow::Res
         }
         acks.push(
             producer
-                .send(
-                    job::submit_subject(kind),
-                    id,
-                    serde_json::to_vec(&env)?.into(),
-                )
+                .send(job::submit_subject(kind), id, serde_json::to_vec(&env)?.into())
                 .await?
                 .into_future(),
         );
@@ -281,11 +268,7 @@ async fn demo(client: &async_nats::Client, pool: &PgPool, n: u64) -> anyhow::Res
     summary(client, pool, &ids).await
 }
 
-async fn summary(
-    client: &async_nats::Client,
-    pool: &PgPool,
-    ids: &[uuid::Uuid],
-) -> anyhow::Result<()> {
+async fn summary(client: &async_nats::Client, pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<()> {
     let row = sqlx::query(
         "SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok,
                 count(*) FILTER (WHERE status = 'dead') AS dead,
@@ -303,20 +286,10 @@ async fn summary(
     let dead: i64 = row.try_get("dead")?;
     let retried: i64 = row.try_get("retried")?;
     let span: f64 = row.try_get::<Option<f64>, _>("span_s")?.unwrap_or(0.0);
-    let wait: Vec<f64> = row
-        .try_get::<Option<Vec<f64>>, _>("wait_ms")?
-        .unwrap_or_default();
-    let run: Vec<f64> = row
-        .try_get::<Option<Vec<f64>>, _>("run_ms")?
-        .unwrap_or_default();
+    let wait: Vec<f64> = row.try_get::<Option<Vec<f64>>, _>("wait_ms")?.unwrap_or_default();
+    let run: Vec<f64> = row.try_get::<Option<Vec<f64>>, _>("run_ms")?.unwrap_or_default();
     let js = async_nats::jetstream::new(client.clone());
-    let dead_letters = js
-        .get_stream(job::DEAD_STREAM)
-        .await?
-        .info()
-        .await?
-        .state
-        .messages;
+    let dead_letters = js.get_stream(job::DEAD_STREAM).await?.info().await?.state.messages;
     let pct = |v: &[f64]| match v {
         [a, b, c] => format!("p50 {a:.1} ms   p95 {b:.1} ms   p99 {c:.1} ms"),
         _ => "-".into(),

@@ -90,14 +90,7 @@ async fn scan(stream: &Stream, kind: Option<&str>, limit: usize) -> anyhow::Resu
             .await
         {
             Ok(m) => m,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    jetstream::stream::RawMessageErrorKind::NoMessageFound
-                ) =>
-            {
-                break
-            }
+            Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => break,
             Err(e) => return Err(e).context("reading JOBS_DEAD"),
         };
         seq = msg.sequence + 1;
@@ -146,18 +139,14 @@ pub(super) async fn run(command: DlqCommand, settings: Settings) -> anyhow::Resu
             let (mut retried, mut skipped) = (0, 0);
             for d in dead {
                 let kind_token = job::kind_token(&d.subject).to_string();
-                let old =
-                    match Job::parse(&kind_token, &d.payload, IdSource::Derived(JobId::new_v7())) {
-                        Ok(j) => j,
-                        Err(e) => {
-                            println!(
-                                "#{}: not retried: {e}; fix the body and submit it again",
-                                d.seq
-                            );
-                            skipped += 1;
-                            continue;
-                        }
-                    };
+                let old = match Job::parse(&kind_token, &d.payload, IdSource::Derived(JobId::new_v7())) {
+                    Ok(j) => j,
+                    Err(e) => {
+                        println!("#{}: not retried: {e}; fix the body and submit it again", d.seq);
+                        skipped += 1;
+                        continue;
+                    }
+                };
                 let mut job = old.clone();
                 job.id = JobId::new_v7();
                 job.extra.retain(|(k, _)| k != "retry_of");
@@ -167,10 +156,7 @@ pub(super) async fn run(command: DlqCommand, settings: Settings) -> anyhow::Resu
                     .send(job::submit_subject(&job.kind), job.id, job.to_json().into())
                     .await?;
                 ack.await.context("resubmission not acknowledged")?;
-                stream
-                    .delete_message(d.seq)
-                    .await
-                    .context("removing the dead letter")?;
+                stream.delete_message(d.seq).await.context("removing the dead letter")?;
                 println!("#{}: resubmitted {} as {}", d.seq, old.id, job.id);
                 retried += 1;
             }

@@ -25,9 +25,7 @@ pub(super) async fn status(args: StatusArgs, settings: Settings) -> anyhow::Resu
     let Some(row) = store::job(&pool, id).await.context("reading the job")? else {
         anyhow::bail!("no job {id} in the database");
     };
-    let events = store::events(&pool, id)
-        .await
-        .context("reading the job's events")?;
+    let events = store::events(&pool, id).await.context("reading the job's events")?;
     if args.json {
         println!(
             "{}",
@@ -75,21 +73,13 @@ pub(super) async fn queues(settings: Settings) -> anyhow::Result<()> {
         "{:<16} {:<16} {:>9} {:>9} {:>9} {:>11} {:>8}",
         "STREAM", "CONSUMER", "MESSAGES", "PENDING", "ACK-PEND", "REDELIVERED", "WAITING"
     );
-    let mut streams: Vec<_> = js
-        .streams()
-        .try_collect()
-        .await
-        .context("listing streams")?;
+    let mut streams: Vec<_> = js.streams().try_collect().await.context("listing streams")?;
     streams.sort_by(|a, b| a.config.name.cmp(&b.config.name));
     for info in streams {
         let name = info.config.name.clone();
         println!("{:<16} {:<16} {:>9}", name, "-", info.state.messages);
         let stream = js.get_stream(&name).await?;
-        let mut consumers: Vec<_> = stream
-            .consumers()
-            .try_collect()
-            .await
-            .context("listing consumers")?;
+        let mut consumers: Vec<_> = stream.consumers().try_collect().await.context("listing consumers")?;
         consumers.sort_by(|a, b| a.name.cmp(&b.name));
         for c in consumers {
             println!(

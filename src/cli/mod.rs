@@ -95,9 +95,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Dev(args) => dev::run(args, settings).await,
         Command::Migrate => {
             let pool = crate::store::pool(&settings.database)?;
-            crate::store::migrate(&pool)
-                .await
-                .context("migrating the database")?;
+            crate::store::migrate(&pool).await.context("migrating the database")?;
             println!("migrations applied");
             Ok(())
         }
@@ -131,8 +129,7 @@ pub async fn apply_streams(
     };
     defs = defs.with_lanes(&settings.executor_lanes());
     if let Some(path) = &args.overrides {
-        let text =
-            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
         let value: serde_json::Value =
             serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
         defs = defs.with_overrides(&value)?;

@@ -50,8 +50,7 @@ const WINDOW: usize = 2048;
 
 pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<()> {
     let kind = Kind::new(args.kind.as_str())?;
-    let payload: serde_json::Value =
-        serde_json::from_str(&args.payload).context("--payload is not JSON")?;
+    let payload: serde_json::Value = serde_json::from_str(&args.payload).context("--payload is not JSON")?;
     let features: Option<serde_json::Value> = match &args.features {
         Some(f) => Some(serde_json::from_str(f).context("--features is not JSON")?),
         None => None,
@@ -85,12 +84,7 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
             env["timeout_ms"] = t.into();
         }
         let body = serde_json::to_vec(&env)?;
-        acks.push(
-            producer
-                .send(subject.clone(), id, body.into())
-                .await?
-                .into_future(),
-        );
+        acks.push(producer.send(subject.clone(), id, body.into()).await?.into_future());
         ids.push(id);
         while acks.len() >= WINDOW {
             if let Some(ack) = acks.next().await {
@@ -176,9 +170,7 @@ pub(super) fn progress(len: u64, what: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let bar = ProgressBar::new(len);
-    if let Ok(style) =
-        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
-    {
+    if let Ok(style) = ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}") {
         bar.set_style(style.progress_chars("=> "));
     }
     bar.set_message(what.to_string());

@@ -132,13 +132,8 @@ fn parse_field<T: serde::de::DeserializeOwned>(
 impl Job {
     /// Parses and validates `body`, published on a subject whose last token is
     /// `subject_kind`.
-    pub fn parse(
-        subject_kind: &str,
-        body: &[u8],
-        id_source: IdSource<'_>,
-    ) -> Result<Job, EnvelopeError> {
-        let text =
-            std::str::from_utf8(body).map_err(|e| EnvelopeError::NotUtf8(e.valid_up_to()))?;
+    pub fn parse(subject_kind: &str, body: &[u8], id_source: IdSource<'_>) -> Result<Job, EnvelopeError> {
+        let text = std::str::from_utf8(body).map_err(|e| EnvelopeError::NotUtf8(e.valid_up_to()))?;
         let raw: RawEnvelope = serde_json::from_str(text).map_err(|e| {
             if text.trim().is_empty() {
                 EnvelopeError::NotJson("body is empty".into())
@@ -205,16 +200,11 @@ impl Job {
             Some(raw) if raw.get().trim_start().starts_with('{') => Some(raw),
             Some(raw) => {
                 let got: String = raw.get().chars().take(40).collect();
-                return Err(bad(
-                    "features",
-                    format!("expected a JSON object, got {got}"),
-                ));
+                return Err(bad("features", format!("expected a JSON object, got {got}")));
             }
             None => None,
         };
-        let priority = optional(priority, |raw| {
-            parse_field::<i32>("priority", raw, "a 32-bit integer")
-        })?;
+        let priority = optional(priority, |raw| parse_field::<i32>("priority", raw, "a 32-bit integer"))?;
         let max_attempts = optional(max_attempts, |raw| {
             let n: u32 = parse_field("max_attempts", raw, "a positive integer")?;
             if n == 0 || n > MAX_ATTEMPTS_LIMIT {
@@ -228,10 +218,7 @@ impl Job {
         let timeout_ms = optional(timeout_ms, |raw| {
             let n: u64 = parse_field("timeout_ms", raw, "a positive integer")?;
             if n == 0 || n > MAX_TIMEOUT_MS {
-                return Err(bad(
-                    "timeout_ms",
-                    format!("must be 1..={MAX_TIMEOUT_MS}, got {n}"),
-                ));
+                return Err(bad("timeout_ms", format!("must be 1..={MAX_TIMEOUT_MS}, got {n}")));
             }
             Ok(n)
         })?;
@@ -349,12 +336,7 @@ mod tests {
         let id = "0192f7d2-7c1e-7a3b-9f00-5b1d2c3e4f50";
         let body = format!(r#"{{"id":"{id}","kind":"train","payload":null}}"#);
         assert_eq!(parse(&body).unwrap().id.to_string(), id);
-        let job = Job::parse(
-            "train",
-            br#"{"kind":"train","payload":1}"#,
-            IdSource::MsgId(id),
-        )
-        .unwrap();
+        let job = Job::parse("train", br#"{"kind":"train","payload":1}"#, IdSource::MsgId(id)).unwrap();
         assert_eq!(job.id.to_string(), id);
     }
 
@@ -388,19 +370,10 @@ mod tests {
             (b"[1,2]", "not a JSON object"),
             (br#"{"payload":{}}"#, "missing required field `kind`"),
             (br#"{"kind":"train"}"#, "missing required field `payload`"),
-            (
-                br#"{"kind":7,"payload":{}}"#,
-                "field `kind`: expected a string",
-            ),
+            (br#"{"kind":7,"payload":{}}"#, "field `kind`: expected a string"),
             (br#"{"kind":"Train","payload":{}}"#, "field `kind`"),
-            (
-                br#"{"kind":"other","payload":{}}"#,
-                "subject says \"train\"",
-            ),
-            (
-                br#"{"kind":"train","payload":{},"id":"nope"}"#,
-                "field `id`",
-            ),
+            (br#"{"kind":"other","payload":{}}"#, "subject says \"train\""),
+            (br#"{"kind":"train","payload":{},"id":"nope"}"#, "field `id`"),
             (
                 br#"{"kind":"train","payload":{},"max_attempts":0}"#,
                 "field `max_attempts`: must be 1..=25",
@@ -421,15 +394,10 @@ mod tests {
                 br#"{"kind":"train","kind":"train","payload":{}}"#,
                 "`kind` appears more than once",
             ),
-            (
-                br#"{"kind":"train","payload":{},"priority":1e99}"#,
-                "field `priority`",
-            ),
+            (br#"{"kind":"train","payload":{},"priority":1e99}"#, "field `priority`"),
         ];
         for (body, want) in cases {
-            let err = Job::parse("train", body, derived())
-                .unwrap_err()
-                .to_string();
+            let err = Job::parse("train", body, derived()).unwrap_err().to_string();
             assert!(
                 err.contains(want),
                 "body {:?}: got {err:?}, want {want:?}",

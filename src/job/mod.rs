@@ -90,13 +90,7 @@ pub fn kind_token(subject: &str) -> &str {
 /// The lane token of a `jobs.run.<lane>.<kind>` subject.
 pub fn lane_token(subject: &str) -> Option<&str> {
     let mut parts = subject.split('.');
-    match (
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-        parts.next(),
-    ) {
+    match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
         (Some("jobs"), Some("run"), Some(lane), Some(_), None) => Some(lane),
         _ => None,
     }
@@ -106,9 +100,7 @@ pub fn lane_token(subject: &str) -> Option<&str> {
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum NameError {
     /// A kind or lane is not `[a-z0-9_-]{1,64}`.
-    #[error(
-        "{what} {value:?} is not a valid token: use 1 to 64 characters of a-z, 0-9, '_' or '-'"
-    )]
+    #[error("{what} {value:?} is not a valid token: use 1 to 64 characters of a-z, 0-9, '_' or '-'")]
     BadToken {
         /// `kind` or `lane`.
         what: &'static str,
@@ -368,10 +360,7 @@ mod tests {
             Running.is_forward(3, Succeeded, 1),
             "a late success still finishes the job"
         );
-        assert!(
-            !Running.is_forward(1, Running, 1),
-            "a repeated start is not forward"
-        );
+        assert!(!Running.is_forward(1, Running, 1), "a repeated start is not forward");
         assert!(!Failed.is_forward(2, Running, 2));
         assert!(!Running.is_forward(1, Queued, 0));
         for t in [Succeeded, Dead, Cancelled] {

@@ -21,6 +21,7 @@ use super::Fetcher;
 use crate::config::Settings;
 use crate::job::{self, envelope::IdSource, Job, JobId, Kind, Lane, Status};
 use crate::store::{Record, StoreError, Writer};
+use crate::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_TOTAL};
 
 /// Header values cannot hold line breaks; keep reasons on one line and bounded.
 fn header_safe(s: &str) -> String {
@@ -97,8 +98,8 @@ impl DeadLetterer {
 
     /// Handles advisories until `cancel` fires.
     pub async fn run(self, cancel: CancellationToken) {
-        let mut fetcher = Fetcher::new(self.client.clone(), job::ADVISORY_STREAM, "dead-letterer")
-            .expires(Duration::from_secs(5));
+        let mut fetcher =
+            Fetcher::new(self.client.clone(), job::ADVISORY_STREAM, "dead-letterer").expires(Duration::from_secs(5));
         let js = jetstream::new(self.client.clone());
         while let Some(mut batch) = fetcher.batch(16, &cancel).await {
             loop {
@@ -129,23 +130,11 @@ impl DeadLetterer {
         }
     }
 
-    async fn handle(
-        &self,
-        js: &jetstream::Context,
-        adv: &MaxDeliveriesAdvisory,
-    ) -> Result<(), String> {
-        let stream = js
-            .get_stream(&adv.stream)
-            .await
-            .map_err(|e| e.to_string())?;
+    async fn handle(&self, js: &jetstream::Context, adv: &MaxDeliveriesAdvisory) -> Result<(), String> {
+        let stream = js.get_stream(&adv.stream).await.map_err(|e| e.to_string())?;
         let raw = match stream.get_raw_message(adv.stream_seq).await {
             Ok(m) => m,
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    jetstream::stream::RawMessageErrorKind::NoMessageFound
-                ) =>
-            {
+            Err(e) if matches!(e.kind(), jetstream::stream::RawMessageErrorKind::NoMessageFound) => {
                 return Ok(()); // already acked, deleted or dead-lettered
             }
             Err(e) => return Err(e.to_string()),
@@ -154,10 +143,7 @@ impl DeadLetterer {
             "no outcome after {} deliveries to consumer {} (its MaxDeliver): the worker crashed, hung or was killed while handling it",
             adv.deliveries, adv.consumer
         );
-        let msg_id = raw
-            .headers
-            .get(job::MSG_ID_HEADER)
-            .map(|v| v.as_str().to_string());
+        let msg_id = raw.headers.get(job::MSG_ID_HEADER).map(|v| v.as_str().to_string());
         let published_ms = raw.time.timestamp_millis().max(0) as u64;
         let id_source = match &msg_id {
             Some(h) => IdSource::MsgId(h),
@@ -172,18 +158,16 @@ impl DeadLetterer {
                 .and_then(|l| Lane::new(l).ok())
                 .unwrap_or_else(|| self.settings.lane_for(&job.kind));
             let max = job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
-            let mut rec = Record::new(
-                job,
-                lane,
-                Status::Dead,
-                adv.deliveries as i32,
-                max,
-                raw.time,
-            );
+            let mut rec = Record::new(job, lane, Status::Dead, adv.deliveries as i32, max, raw.time);
             rec.finished_at = Some(Utc::now());
             rec.error = Some(reason.clone());
             match self.writer.write_dead(rec).await {
-                Ok(c) => finished = c.status != Status::Dead,
+                Ok(c) => {
+                    finished = c.status != Status::Dead;
+                    if c.applied {
+                        metrics::counter!(JOBS_TOTAL, "kind" => job.kind.to_string(), "outcome" => "dead").increment(1);
+                    }
+                }
                 Err(StoreError::Rejected(e)) => {
                     tracing::error!(error = %e, "dead record refused; dead-lettering anyway")
                 }
@@ -206,11 +190,10 @@ impl DeadLetterer {
             )
             .await
             .map_err(|e| e.to_string())?;
+            let kind = dead_kind_label(&raw.subject);
+            metrics::counter!(DEAD_LETTERS, "kind" => kind, "stage" => "max_deliver").increment(1);
         }
-        stream
-            .delete_message(adv.stream_seq)
-            .await
-            .map_err(|e| e.to_string())?;
+        stream.delete_message(adv.stream_seq).await.map_err(|e| e.to_string())?;
         tracing::warn!(stream = %adv.stream, seq = adv.stream_seq, deliveries = adv.deliveries, "dead-lettered a message that reached MaxDeliver");
         Ok(())
     }

@@ -54,11 +54,7 @@ impl Fetcher {
 
     async fn pause(&mut self, cancel: &CancellationToken) {
         self.failures += 1;
-        let delay = backoff(
-            self.failures,
-            Duration::from_millis(200),
-            Duration::from_secs(5),
-        );
+        let delay = backoff(self.failures, Duration::from_millis(200), Duration::from_secs(5));
         tokio::select! {
             _ = cancel.cancelled() => {}
             _ = tokio::time::sleep(delay) => {}
@@ -79,11 +75,7 @@ impl Fetcher {
             }
             if self.handle.is_none() {
                 let lookup = async {
-                    let stream = self
-                        .js
-                        .get_stream(&self.stream)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
                     stream
                         .get_consumer::<pull::Config>(&self.consumer)
                         .await
@@ -102,11 +94,7 @@ impl Fetcher {
             let Some(consumer) = &self.handle else {
                 continue;
             };
-            let req = consumer
-                .batch()
-                .max_messages(max)
-                .expires(self.expires)
-                .messages();
+            let req = consumer.batch().max_messages(max).expires(self.expires).messages();
             let res = tokio::select! {
                 _ = cancel.cancelled() => return None,
                 r = req => r,

@@ -71,10 +71,7 @@ pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, sqlx::Error> {
 
 /// Waits until Postgres answers, retrying with backoff and logging each failure, or
 /// until `cancel` fires.
-pub async fn wait_until_reachable(
-    pool: &PgPool,
-    cancel: &CancellationToken,
-) -> Result<(), StoreError> {
+pub async fn wait_until_reachable(pool: &PgPool, cancel: &CancellationToken) -> Result<(), StoreError> {
     let mut delay = Duration::from_millis(200);
     loop {
         match sqlx::query("SELECT 1").execute(pool).await {
@@ -181,12 +178,10 @@ pub async fn job(pool: &PgPool, id: JobId) -> Result<Option<JobRow>, sqlx::Error
 
 /// Reads a job's status history, oldest first.
 pub async fn events(pool: &PgPool, id: JobId) -> Result<Vec<EventRow>, sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT status, attempt, error, at FROM job_events WHERE job_id = $1 ORDER BY seq",
-    )
-    .bind(id.0)
-    .fetch_all(pool)
-    .await?;
+    let rows = sqlx::query("SELECT status, attempt, error, at FROM job_events WHERE job_id = $1 ORDER BY seq")
+        .bind(id.0)
+        .fetch_all(pool)
+        .await?;
     rows.into_iter()
         .map(|r| {
             Ok(EventRow {
@@ -201,10 +196,9 @@ pub async fn events(pool: &PgPool, id: JobId) -> Result<Vec<EventRow>, sqlx::Err
 
 /// Number of jobs per status.
 pub async fn status_counts(pool: &PgPool) -> Result<Vec<(String, i64)>, sqlx::Error> {
-    let rows =
-        sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status")
-            .fetch_all(pool)
-            .await?;
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM jobs GROUP BY status ORDER BY status")
+        .fetch_all(pool)
+        .await?;
     rows.into_iter()
         .map(|r| Ok((r.try_get("status")?, r.try_get("n")?)))
         .collect()

@@ -88,9 +88,6 @@ impl Record {
 
     /// The same job moved to `status`.
     pub fn moved(&self, status: Status) -> Record {
-        Record {
-            status,
-            ..self.clone()
-        }
+        Record { status, ..self.clone() }
     }
 }

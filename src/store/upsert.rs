@@ -49,10 +49,7 @@ SELECT i.id, (up.id IS NOT NULL) AS applied, COALESCE(up.status, p.status) AS st
 FROM input i LEFT JOIN up ON up.id = i.id LEFT JOIN prior p ON p.id = i.id
 "#;
 
-pub(super) async fn execute(
-    pool: &PgPool,
-    records: &[&Record],
-) -> Result<Vec<(JobId, Commit)>, sqlx::Error> {
+pub(super) async fn execute(pool: &PgPool, records: &[&Record]) -> Result<Vec<(JobId, Commit)>, sqlx::Error> {
     let n = records.len();
     let mut ids: Vec<Uuid> = Vec::with_capacity(n);
     let mut kinds: Vec<&str> = Vec::with_capacity(n);

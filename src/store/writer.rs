@@ -23,6 +23,7 @@ use super::upsert::{event_json, execute};
 use super::{Commit, Record, StoreError};
 use crate::config::StoreSettings;
 use crate::job::JobId;
+use crate::telemetry::metrics::{STORE_BATCH_SIZE, STORE_COMMIT, STORE_ERRORS};
 
 struct Pending {
     record: Record,
@@ -172,8 +173,7 @@ impl Task {
     }
 
     async fn touch(&self, beats: Vec<(JobId, i32)>) {
-        let (ids, attempts): (Vec<Uuid>, Vec<i32>) =
-            beats.into_iter().map(|(id, a)| (id.0, a)).unzip();
+        let (ids, attempts): (Vec<Uuid>, Vec<i32>) = beats.into_iter().map(|(id, a)| (id.0, a)).unzip();
         let res = sqlx::query(
             "UPDATE jobs SET last_heartbeat_at = now()
              FROM UNNEST($1::uuid[], $2::int4[]) AS t(id, attempts)
@@ -208,22 +208,18 @@ impl Task {
         idx.sort_unstable_by_key(|&i| batch[i].record.id);
         let records: Vec<&Record> = idx.iter().map(|&i| &batch[i].record).collect();
 
-        let results: HashMap<JobId, Result<Commit, StoreError>> =
-            match self.execute_with_retry(&records).await {
-                Ok(commits) => commits.into_iter().map(|(id, c)| (id, Ok(c))).collect(),
-                Err(StoreError::Rejected(_)) if records.len() > 1 => {
-                    let mut out = HashMap::with_capacity(records.len());
-                    for r in &records {
-                        let res = self
-                            .execute_with_retry(&[*r])
-                            .await
-                            .map(|mut v| v.remove(0).1);
-                        out.insert(r.id, res);
-                    }
-                    out
+        let results: HashMap<JobId, Result<Commit, StoreError>> = match self.execute_with_retry(&records).await {
+            Ok(commits) => commits.into_iter().map(|(id, c)| (id, Ok(c))).collect(),
+            Err(StoreError::Rejected(_)) if records.len() > 1 => {
+                let mut out = HashMap::with_capacity(records.len());
+                for r in &records {
+                    let res = self.execute_with_retry(&[*r]).await.map(|mut v| v.remove(0).1);
+                    out.insert(r.id, res);
                 }
-                Err(e) => records.iter().map(|r| (r.id, Err(e.clone()))).collect(),
-            };
+                out
+            }
+            Err(e) => records.iter().map(|r| (r.id, Err(e.clone()))).collect(),
+        };
 
         let mut published = Vec::new();
         for (i, p) in batch.into_iter().enumerate() {
@@ -253,10 +249,7 @@ impl Task {
         }
     }
 
-    async fn execute_with_retry(
-        &self,
-        records: &[&Record],
-    ) -> Result<Vec<(JobId, Commit)>, StoreError> {
+    async fn execute_with_retry(&self, records: &[&Record]) -> Result<Vec<(JobId, Commit)>, StoreError> {
         let mut delay = Duration::from_millis(100);
         // After the hard stop a statement gets a last few seconds, so a half-open
         // connection cannot hold the shutdown forever.
@@ -266,14 +259,20 @@ impl Task {
         };
         tokio::pin!(deadline);
         loop {
+            let started = std::time::Instant::now();
             let result = tokio::select! {
                 r = execute(&self.pool, records) => r,
                 _ = &mut deadline => return Err(StoreError::ShuttingDown),
             };
             match result {
-                Ok(v) => return Ok(v),
+                Ok(v) => {
+                    metrics::histogram!(STORE_BATCH_SIZE).record(records.len() as f64);
+                    metrics::histogram!(STORE_COMMIT).record(started.elapsed().as_secs_f64());
+                    return Ok(v);
+                }
                 Err(e) => match StoreError::classify(&e) {
                     StoreError::Unavailable(msg) => {
+                        metrics::counter!(STORE_ERRORS, "error" => "unavailable").increment(1);
                         tracing::warn!(error = %msg, records = records.len(), retry_in_ms = delay.as_millis() as u64,
                             "Postgres write failed; holding acks and retrying");
                         tokio::select! {
@@ -282,7 +281,10 @@ impl Task {
                         }
                         delay = (delay * 2).min(Duration::from_secs(5));
                     }
-                    other => return Err(other),
+                    other => {
+                        metrics::counter!(STORE_ERRORS, "error" => "rejected").increment(1);
+                        return Err(other);
+                    }
                 },
             }
         }

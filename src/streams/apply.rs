@@ -36,8 +36,7 @@ fn differing_keys(desired: &Map<String, Value>, current: &Map<String, Value>) ->
         .filter(|(k, v)| current.get(k.as_str()) != Some(v))
         .filter(|(k, v)| {
             // The server omits empty descriptions and zero values it treats as unset.
-            !(current.get(k.as_str()).is_none()
-                && (v.as_str() == Some("") || v.as_i64() == Some(0)))
+            !(current.get(k.as_str()).is_none() && (v.as_str() == Some("") || v.as_i64() == Some(0)))
         })
         .map(|(k, _)| k.clone())
         .collect()
@@ -66,11 +65,7 @@ async fn api(
         return Err(StreamsError::Api {
             what: what.to_string(),
             code,
-            description: err
-                .get("description")
-                .and_then(Value::as_str)
-                .unwrap_or("")
-                .to_string(),
+            description: err.get("description").and_then(Value::as_str).unwrap_or("").to_string(),
         });
     }
     Ok(resp.get("config").and_then(Value::as_object).cloned())
@@ -96,13 +91,9 @@ fn verify_kept(
 
 /// Creates or updates every stream and consumer in `defs`. Idempotent: a definition
 /// that matches the server is left alone and reported [`Change::Unchanged`].
-pub async fn apply(
-    client: &async_nats::Client,
-    defs: &Definitions,
-) -> Result<Vec<Change>, StreamsError> {
+pub async fn apply(client: &async_nats::Client, defs: &Definitions) -> Result<Vec<Change>, StreamsError> {
     let version_text = client.server_info().version;
-    let server = ServerVersion::parse(&version_text)
-        .ok_or_else(|| StreamsError::ServerTooOld(version_text.clone()))?;
+    let server = ServerVersion::parse(&version_text).ok_or_else(|| StreamsError::ServerTooOld(version_text.clone()))?;
     if server < ServerVersion(2, 9, 0) {
         return Err(StreamsError::ServerTooOld(version_text));
     }
@@ -131,13 +122,7 @@ pub async fn apply(
                 } else {
                     let mut merged = cur.clone();
                     merged.extend(s.config.clone());
-                    let got = api(
-                        &js,
-                        name,
-                        format!("STREAM.UPDATE.{name}"),
-                        Value::Object(merged),
-                    )
-                    .await?;
+                    let got = api(&js, name, format!("STREAM.UPDATE.{name}"), Value::Object(merged)).await?;
                     verify_kept(name, &s.config, &got.unwrap_or_default(), server)?;
                     Change::Updated(name.clone(), keys)
                 }
@@ -147,13 +132,7 @@ pub async fn apply(
     }
     for c in &defs.consumers {
         let what = format!("{}/{}", c.stream, c.name);
-        let current = api(
-            &js,
-            &what,
-            format!("CONSUMER.INFO.{}.{}", c.stream, c.name),
-            json!({}),
-        )
-        .await?;
+        let current = api(&js, &what, format!("CONSUMER.INFO.{}.{}", c.stream, c.name), json!({})).await?;
         let create = |config: Map<String, Value>| {
             api(
                 &js,

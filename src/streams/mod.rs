@@ -63,9 +63,7 @@ pub enum StreamsError {
     #[error("nats-server {0} is too old: mlsched needs 2.9.0 or newer")]
     ServerTooOld(String),
     /// A definition uses a feature the connected server lacks.
-    #[error(
-        "{what} sets `{key}`, which needs nats-server {needs} or newer; the server is {server}"
-    )]
+    #[error("{what} sets `{key}`, which needs nats-server {needs} or newer; the server is {server}")]
     Unsupported {
         /// Stream or consumer name.
         what: String,
@@ -97,20 +95,11 @@ pub enum StreamsError {
 }
 
 const BUILTIN_STREAMS: &[(&str, &str)] = &[
-    (
-        "JOBS_SUBMIT",
-        include_str!("../../streams/JOBS_SUBMIT.json"),
-    ),
+    ("JOBS_SUBMIT", include_str!("../../streams/JOBS_SUBMIT.json")),
     ("JOBS_RUN", include_str!("../../streams/JOBS_RUN.json")),
     ("JOBS_DEAD", include_str!("../../streams/JOBS_DEAD.json")),
-    (
-        "JOBS_EVENTS",
-        include_str!("../../streams/JOBS_EVENTS.json"),
-    ),
-    (
-        "JOBS_ADVISORIES",
-        include_str!("../../streams/JOBS_ADVISORIES.json"),
-    ),
+    ("JOBS_EVENTS", include_str!("../../streams/JOBS_EVENTS.json")),
+    ("JOBS_ADVISORIES", include_str!("../../streams/JOBS_ADVISORIES.json")),
 ];
 const BUILTIN_CONSUMERS: &[(&str, &str, &str)] = &[
     (
@@ -234,10 +223,7 @@ impl Definitions {
             .filter_map(|e| e.ok().map(|e| e.path()))
             .collect();
         entries.sort();
-        for path in entries
-            .iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-        {
+        for path in entries.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
             let config = parse_object(&path.display().to_string(), &read(path)?)?;
             let name = config
                 .get("name")
@@ -253,10 +239,7 @@ impl Definitions {
             };
             let mut files: Vec<_> = rd.filter_map(|e| e.ok().map(|e| e.path())).collect();
             files.sort();
-            for path in files
-                .iter()
-                .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            {
+            for path in files.iter().filter(|p| p.extension().is_some_and(|e| e == "json")) {
                 let config = parse_object(&path.display().to_string(), &read(path)?)?;
                 let name = config
                     .get("durable_name")
@@ -276,11 +259,7 @@ impl Definitions {
     /// Adds an `executor-<lane>` consumer for each lane that has none, shaped like
     /// `executor-fast` with the lane's filter.
     pub fn with_lanes(mut self, lanes: &[Lane]) -> Self {
-        let template = self
-            .consumers
-            .iter()
-            .find(|c| c.name == "executor-fast")
-            .cloned();
+        let template = self.consumers.iter().find(|c| c.name == "executor-fast").cloned();
         for lane in lanes {
             let name = crate::job::executor_consumer(lane);
             if self.consumers.iter().any(|c| c.name == name) {
@@ -288,10 +267,8 @@ impl Definitions {
             }
             if let Some(mut c) = template.clone() {
                 c.config.insert("durable_name".into(), json!(name));
-                c.config.insert(
-                    "description".into(),
-                    json!(format!("Executors of the {lane} lane")),
-                );
+                c.config
+                    .insert("description".into(), json!(format!("Executors of the {lane} lane")));
                 c.config
                     .insert("filter_subject".into(), json!(format!("jobs.run.{lane}.*")));
                 c.name = name;
@@ -351,15 +328,11 @@ impl Definitions {
     }
 
     fn check_supported(&self, server: ServerVersion) -> Result<(), StreamsError> {
-        let objects = self
-            .streams
-            .iter()
-            .map(|s| (s.name.clone(), &s.config))
-            .chain(
-                self.consumers
-                    .iter()
-                    .map(|c| (format!("{}/{}", c.stream, c.name), &c.config)),
-            );
+        let objects = self.streams.iter().map(|s| (s.name.clone(), &s.config)).chain(
+            self.consumers
+                .iter()
+                .map(|c| (format!("{}/{}", c.stream, c.name), &c.config)),
+        );
         for (what, config) in objects {
             for (key, needs) in NEWER_KEYS {
                 let needed = ServerVersion::parse(needs).unwrap_or(ServerVersion(99, 0, 0));
@@ -386,14 +359,13 @@ mod tests {
     fn every_definition_parses_into_async_nats_configs() {
         let defs = Definitions::builtin().unwrap();
         for s in &defs.streams {
-            let cfg: stream::Config = serde_json::from_value(Value::Object(s.config.clone()))
-                .unwrap_or_else(|e| panic!("{}: {e}", s.name));
+            let cfg: stream::Config =
+                serde_json::from_value(Value::Object(s.config.clone())).unwrap_or_else(|e| panic!("{}: {e}", s.name));
             assert_eq!(cfg.name, s.name);
         }
         for c in &defs.consumers {
             let cfg: consumer::pull::Config =
-                serde_json::from_value(Value::Object(c.config.clone()))
-                    .unwrap_or_else(|e| panic!("{}: {e}", c.name));
+                serde_json::from_value(Value::Object(c.config.clone())).unwrap_or_else(|e| panic!("{}: {e}", c.name));
             assert_eq!(cfg.durable_name.as_deref(), Some(c.name.as_str()));
             assert!(defs.streams.iter().any(|s| s.name == c.stream));
         }
@@ -406,11 +378,7 @@ mod tests {
         let builtin = Definitions::builtin().unwrap();
         let names = |d: &Definitions| {
             let mut v: Vec<String> = d.streams.iter().map(|s| s.name.clone()).collect();
-            v.extend(
-                d.consumers
-                    .iter()
-                    .map(|c| format!("{}/{}", c.stream, c.name)),
-            );
+            v.extend(d.consumers.iter().map(|c| format!("{}/{}", c.stream, c.name)));
             v.sort();
             v
         };
@@ -425,11 +393,7 @@ mod tests {
         assert_eq!(get("JOBS_RUN")["retention"], "workqueue");
         assert_eq!(get("JOBS_DEAD")["retention"], "limits");
         assert!(get("JOBS_SUBMIT")["duplicate_window"].as_u64().unwrap() >= 120_000_000_000);
-        let exec = defs
-            .consumers
-            .iter()
-            .find(|c| c.name == "executor-fast")
-            .unwrap();
+        let exec = defs.consumers.iter().find(|c| c.name == "executor-fast").unwrap();
         assert_eq!(
             exec.config["max_deliver"].as_u64().unwrap(),
             u64::from(crate::job::envelope::MAX_ATTEMPTS_LIMIT)
@@ -442,15 +406,9 @@ mod tests {
         let defs = Definitions::builtin()
             .unwrap()
             .with_lanes(&[gpu])
-            .with_overrides(
-                &json!({"*": {"num_replicas": 3}, "JOBS_RUN/executor-gpu": {"max_ack_pending": 5}}),
-            )
+            .with_overrides(&json!({"*": {"num_replicas": 3}, "JOBS_RUN/executor-gpu": {"max_ack_pending": 5}}))
             .unwrap();
-        let c = defs
-            .consumers
-            .iter()
-            .find(|c| c.name == "executor-gpu")
-            .unwrap();
+        let c = defs.consumers.iter().find(|c| c.name == "executor-gpu").unwrap();
         assert_eq!(c.config["filter_subject"], "jobs.run.gpu.*");
         assert_eq!(c.config["max_ack_pending"], 5);
         assert!(defs.streams.iter().all(|s| s.config["num_replicas"] == 3));
@@ -464,21 +422,10 @@ mod tests {
     #[test]
     fn newer_keys_are_refused_on_old_servers() {
         let mut defs = Definitions::builtin().unwrap();
-        defs.streams[0]
-            .config
-            .insert("compression".into(), json!("s2"));
-        let err = defs
-            .check_supported(ServerVersion(2, 9, 10))
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("compression") && err.contains("2.10.0"),
-            "{err}"
-        );
+        defs.streams[0].config.insert("compression".into(), json!("s2"));
+        let err = defs.check_supported(ServerVersion(2, 9, 10)).unwrap_err().to_string();
+        assert!(err.contains("compression") && err.contains("2.10.0"), "{err}");
         assert!(defs.check_supported(ServerVersion(2, 12, 8)).is_ok());
-        assert_eq!(
-            ServerVersion::parse("2.10.25-beta"),
-            Some(ServerVersion(2, 10, 25))
-        );
+        assert_eq!(ServerVersion::parse("2.10.25-beta"), Some(ServerVersion(2, 10, 25)));
     }
 }

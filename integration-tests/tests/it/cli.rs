@@ -11,10 +11,7 @@ async fn streams_apply_is_idempotent_and_reports_what_it_changed() {
     // The harness applied shorter ack waits; the shipped definitions put them back.
     let (ok, out) = env.cli(&["streams", "apply"]);
     assert!(ok, "{out}");
-    assert!(
-        out.contains("updated   JOBS_RUN/executor-fast (ack_wait)"),
-        "{out}"
-    );
+    assert!(out.contains("updated   JOBS_RUN/executor-fast (ack_wait)"), "{out}");
     assert!(out.contains("unchanged JOBS_DEAD"), "{out}");
     let (ok, out) = env.cli(&["streams", "apply"]);
     assert!(ok);
@@ -33,10 +30,7 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
 
     let (ok, out) = env.cli(&["submit", "--kind", "noop", "--count", "50", "--wait"]);
     assert!(ok, "{out}");
-    assert!(
-        out.contains("submitted 50 jobs to jobs.submit.noop"),
-        "{out}"
-    );
+    assert!(out.contains("submitted 50 jobs to jobs.submit.noop"), "{out}");
     assert!(out.contains("50 succeeded"), "{out}");
 
     let (ok, out) = env.cli(&[
@@ -76,9 +70,7 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
 
     // A job that dies on its first try (404), then works when retried from the DLQ.
     let server = http_server(vec![("/later", vec![404, 200])]).await;
-    let dead = env
-        .submit("http", json!({"url": format!("{server}/later")}))
-        .await;
+    let dead = env.submit("http", json!({"url": format!("{server}/later")})).await;
     env.wait_for_status(dead, "dead").await;
     let (ok, out) = env.cli(&["dlq", "list"]);
     assert!(
@@ -100,10 +92,7 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
         "dead",
         "the dead job's record is history"
     );
-    assert!(
-        env.dead_letters().await.is_empty(),
-        "the retried dead letter is gone"
-    );
+    assert!(env.dead_letters().await.is_empty(), "the retried dead letter is gone");
     let (ok, out) = env.cli(&["dlq", "purge"]);
     assert!(ok && out.contains("purged 0"), "{out}");
 }
@@ -155,10 +144,7 @@ async fn workers_wait_for_an_unreachable_nats_and_start_when_it_appears() {
         .await
         .unwrap();
     env.wait_for_status(id, "succeeded").await;
-    assert!(
-        worker.try_wait().unwrap().is_none(),
-        "the worker kept running"
-    );
+    assert!(worker.try_wait().unwrap().is_none(), "the worker kept running");
     worker.kill().unwrap();
     worker.wait().unwrap();
 }

@@ -81,12 +81,11 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
         env.wait_for_status(*id, "queued").await;
     }
     eventually("heartbeats of the running jobs", DEADLINE, || async {
-        let beating: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE status = 'running' AND last_heartbeat_at > started_at",
-        )
-        .fetch_one(&env.pool)
-        .await
-        .ok()?;
+        let beating: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status = 'running' AND last_heartbeat_at > started_at")
+                .fetch_one(&env.pool)
+                .await
+                .ok()?;
         (beating == 4).then_some(())
     })
     .await;
@@ -123,12 +122,7 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
         env.wait_for_status(*id, "succeeded").await;
     }
     for id in &long {
-        let runs = env
-            .events(*id)
-            .await
-            .iter()
-            .filter(|(s, _)| s == "running")
-            .count();
+        let runs = env.events(*id).await.iter().filter(|(s, _)| s == "running").count();
         assert_eq!(runs, 1, "{id} was not run again");
     }
     one_success_each(&env, 8).await;
@@ -201,16 +195,12 @@ async fn a_job_that_exhausts_max_deliver_without_an_outcome_is_dead_lettered() {
     // test: it takes the message and never answers) exhausts it quickly.
     let defs = Definitions::builtin()
         .unwrap()
-        .with_overrides(
-            &json!({"JOBS_RUN/executor-slow": {"max_deliver": 3, "ack_wait": 500_000_000}}),
-        )
+        .with_overrides(&json!({"JOBS_RUN/executor-slow": {"max_deliver": 3, "ack_wait": 500_000_000}}))
         .unwrap();
     mlsched::streams::apply(&env.client, &defs).await.unwrap();
     let id = mlsched::job::JobId::new_v7();
-    let body =
-        serde_json::to_vec(&json!({"id": id, "kind": "sleep", "payload": {"ms": 1}})).unwrap();
-    env.publish("jobs.run.slow.sleep", body, Some(&id.to_string()))
-        .await;
+    let body = serde_json::to_vec(&json!({"id": id, "kind": "sleep", "payload": {"ms": 1}})).unwrap();
+    env.publish("jobs.run.slow.sleep", body, Some(&id.to_string())).await;
 
     let consumer = env
         .js
@@ -240,6 +230,14 @@ async fn a_job_that_exhausts_max_deliver_without_an_outcome_is_dead_lettered() {
         }
     }
     assert_eq!(deliveries, 3, "the server stops at MaxDeliver");
+    let slow =
+        |samples: Vec<mlsched::slo::Backlog>| samples.into_iter().find(|b| b.consumer == "executor-slow").unwrap();
+    let b = slow(mlsched::slo::sample_backlog(&env.js).await.unwrap());
+    assert_eq!(
+        (b.backlog, b.stuck),
+        (0, 1),
+        "KEDA's lag misses it; the stuck gauge does not"
+    );
     assert_eq!(
         env.stream_len("JOBS_RUN").await,
         1,
@@ -314,12 +312,9 @@ async fn the_predictor_stops_on_sigterm_without_losing_or_doubling_a_submission(
         let info = match c {
             Ok(mut c) => format!(
                 "{:?}",
-                c.info().await.map(|i| (
-                    i.num_pending,
-                    i.num_ack_pending,
-                    i.num_redelivered,
-                    i.num_waiting
-                ))
+                c.info()
+                    .await
+                    .map(|i| (i.num_pending, i.num_ack_pending, i.num_redelivered, i.num_waiting))
             ),
             Err(e) => e.to_string(),
         };
@@ -334,11 +329,7 @@ async fn the_predictor_stops_on_sigterm_without_losing_or_doubling_a_submission(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     drop(last);
-    assert_eq!(
-        env.stream_len("JOBS_RUN").await,
-        2000,
-        "no submission was routed twice"
-    );
+    assert_eq!(env.stream_len("JOBS_RUN").await, 2000, "no submission was routed twice");
     env.start_executor();
     env.wait_for_finished(2000).await;
     one_success_each(&env, 2000).await;

@@ -109,15 +109,8 @@ impl TestEnv {
     }
 
     async fn build(own_pg: bool) -> TestEnv {
-        let dir = tempfile::Builder::new()
-            .prefix("mlsched-it-")
-            .tempdir()
-            .unwrap();
-        let nats = NatsServer::start(
-            &stack::nats_server_binary().unwrap(),
-            &dir.path().join("nats"),
-        )
-        .unwrap();
+        let dir = tempfile::Builder::new().prefix("mlsched-it-").tempdir().unwrap();
+        let nats = NatsServer::start(&stack::nats_server_binary().unwrap(), &dir.path().join("nats")).unwrap();
         let pg = match std::env::var("MLSCHED_TEST_DATABASE_URL") {
             Ok(url) if !own_pg => Pg::Shared(url),
             _ => {
@@ -147,6 +140,8 @@ impl TestEnv {
         settings.executor.concurrency = 32;
         settings.shutdown.grace_s = 15;
         settings.store.linger_ms = 1;
+        settings.metrics.listen = "127.0.0.1:0".into();
+        settings.metrics.sample_interval_ms = 200;
 
         let pool = mlsched::store::pool(&settings.database).unwrap();
         mlsched::store::migrate(&pool).await.unwrap();
@@ -184,10 +179,7 @@ impl TestEnv {
     /// Starts an in-process predictor; it is stopped when the env drops.
     pub fn start_predictor(&mut self) {
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(mlsched_predictor::run(
-            self.settings.clone(),
-            shutdown.clone(),
-        ));
+        let task = tokio::spawn(mlsched_predictor::run(self.settings.clone(), shutdown.clone()));
         self.workers.push(InProc { shutdown, task });
     }
 
@@ -210,10 +202,7 @@ impl TestEnv {
         vec![
             ("NATS_URL".into(), s.nats.url.expose().into()),
             ("DATABASE_URL".into(), s.database.url.expose().into()),
-            (
-                "MLSCHED__RETRY__BASE_MS".into(),
-                s.retry.base_ms.to_string(),
-            ),
+            ("MLSCHED__RETRY__BASE_MS".into(), s.retry.base_ms.to_string()),
             ("MLSCHED__RETRY__MAX_MS".into(), s.retry.max_ms.to_string()),
             (
                 "MLSCHED__EXECUTOR__HEARTBEAT_MS".into(),
@@ -223,11 +212,13 @@ impl TestEnv {
                 "MLSCHED__EXECUTOR__CONCURRENCY".into(),
                 s.executor.concurrency.to_string(),
             ),
-            (
-                "MLSCHED__SHUTDOWN__GRACE_S".into(),
-                s.shutdown.grace_s.to_string(),
-            ),
+            ("MLSCHED__SHUTDOWN__GRACE_S".into(), s.shutdown.grace_s.to_string()),
             ("MLSCHED__LOG__LEVEL".into(), "info".into()),
+            ("MLSCHED__METRICS__LISTEN".into(), s.metrics.listen.clone()),
+            (
+                "MLSCHED__METRICS__SAMPLE_INTERVAL_MS".into(),
+                s.metrics.sample_interval_ms.to_string(),
+            ),
         ]
     }
 
@@ -238,11 +229,7 @@ impl TestEnv {
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .envs(self.process_env())
-            .envs(
-                extra_env
-                    .iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string())),
-            )
+            .envs(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -262,10 +249,7 @@ impl TestEnv {
             .unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).to_string();
         if !out.status.success() {
-            eprintln!(
-                "mlsched {args:?} failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            eprintln!("mlsched {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         (out.status.success(), stdout)
     }
@@ -354,11 +338,7 @@ impl TestEnv {
                 continue;
             };
             out.push_str(&format!("{name}: {} messages\n", info.state.messages));
-            let names: Vec<String> = stream
-                .consumer_names()
-                .filter_map(|n| async { n.ok() })
-                .collect()
-                .await;
+            let names: Vec<String> = stream.consumer_names().filter_map(|n| async { n.ok() }).collect().await;
             for c in names {
                 if let Ok(ci) = stream.consumer_info(&c).await {
                     out.push_str(&format!(
@@ -388,12 +368,11 @@ impl TestEnv {
     /// Waits until `n` jobs are finished (succeeded, dead or cancelled).
     pub async fn wait_for_finished(&self, n: i64) {
         self.eventually(&format!("{n} finished jobs"), DEADLINE * 2, || async {
-            let done: i64 = sqlx::query_scalar(
-                "SELECT count(*) FROM jobs WHERE status IN ('succeeded','dead','cancelled')",
-            )
-            .fetch_one(&self.pool)
-            .await
-            .ok()?;
+            let done: i64 =
+                sqlx::query_scalar("SELECT count(*) FROM jobs WHERE status IN ('succeeded','dead','cancelled')")
+                    .fetch_one(&self.pool)
+                    .await
+                    .ok()?;
             (done >= n).then_some(())
         })
         .await
@@ -434,12 +413,7 @@ impl TestEnv {
             let Ok(m) = stream.get_raw_message(seq).await else {
                 continue;
             };
-            let h = |n: &str| {
-                m.headers
-                    .get(n)
-                    .map(|v| v.as_str().to_string())
-                    .unwrap_or_default()
-            };
+            let h = |n: &str| m.headers.get(n).map(|v| v.as_str().to_string()).unwrap_or_default();
             out.push(DeadLetter {
                 subject: m.subject.to_string(),
                 error: h(job::ERROR_HEADER),

@@ -12,10 +12,7 @@ pub async fn http_server(routes: Vec<(&'static str, Vec<u16>)>) -> String {
     let addr = listener.local_addr().unwrap();
     type Routes = Arc<Mutex<HashMap<String, (Vec<u16>, usize)>>>;
     let routes: Routes = Arc::new(Mutex::new(
-        routes
-            .into_iter()
-            .map(|(p, c)| (p.to_string(), (c, 0)))
-            .collect(),
+        routes.into_iter().map(|(p, c)| (p.to_string(), (c, 0))).collect(),
     ));
     tokio::spawn(async move {
         loop {
@@ -46,9 +43,7 @@ pub async fn http_server(routes: Vec<(&'static str, Vec<u16>)>) -> String {
                         None => 404,
                     }
                 };
-                let resp = format!(
-                    "HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"
-                );
+                let resp = format!("HTTP/1.1 {code} X\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
                 let _ = sock.write_all(resp.as_bytes()).await;
             });
         }

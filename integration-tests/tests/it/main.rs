@@ -5,4 +5,5 @@ mod cli;
 mod faults;
 mod harness;
 mod http;
+mod observability;
 mod pipeline;

@@ -26,26 +26,20 @@ async fn a_thousand_jobs_flow_end_to_end_and_each_succeeds_once() {
     env.wait_for_finished(1000).await;
     let counts = env.counts().await;
     assert_eq!(counts.get("succeeded"), Some(&1000), "{counts:?}");
-    let successes: i64 =
-        sqlx::query_scalar("SELECT count(*) FROM job_events WHERE status = 'succeeded'")
-            .fetch_one(&env.pool)
-            .await
-            .unwrap();
+    let successes: i64 = sqlx::query_scalar("SELECT count(*) FROM job_events WHERE status = 'succeeded'")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
     assert_eq!(successes, 1000, "exactly one recorded success per job");
     let cpu = env.row(ids[0]).await.unwrap();
     assert_eq!(cpu.attempts, 1);
     assert!(cpu.result.unwrap()["checksum"].is_string());
     assert_eq!(
         env.events(ids[1]).await,
-        vec![
-            ("queued".into(), 0),
-            ("running".into(), 1),
-            ("succeeded".into(), 1)
-        ]
+        vec![("queued".into(), 0), ("running".into(), 1), ("succeeded".into(), 1)]
     );
     eventually("work queues to drain", DEADLINE, || async {
-        (env.stream_len("JOBS_SUBMIT").await == 0 && env.stream_len("JOBS_RUN").await == 0)
-            .then_some(())
+        (env.stream_len("JOBS_SUBMIT").await == 0 && env.stream_len("JOBS_RUN").await == 0).then_some(())
     })
     .await;
     env.stop_workers().await;
@@ -71,16 +65,11 @@ async fn duplicate_submissions_are_absorbed() {
     let marker = env.submit("noop", json!({})).await;
     env.wait_for_status(marker, "succeeded").await;
     eventually("the duplicates to be consumed", DEADLINE, || async {
-        (env.stream_len("JOBS_SUBMIT").await == 0 && env.stream_len("JOBS_RUN").await == 0)
-            .then_some(())
+        (env.stream_len("JOBS_SUBMIT").await == 0 && env.stream_len("JOBS_RUN").await == 0).then_some(())
     })
     .await;
     let events = env.events(id).await;
-    assert_eq!(
-        events.iter().filter(|(s, _)| s == "succeeded").count(),
-        1,
-        "{events:?}"
-    );
+    assert_eq!(events.iter().filter(|(s, _)| s == "succeeded").count(), 1, "{events:?}");
     assert_eq!(
         events.iter().filter(|(s, _)| s == "running").count(),
         1,
@@ -99,11 +88,7 @@ async fn malformed_bodies_are_dead_lettered_with_reasons_while_valid_jobs_flow()
     env.start_predictor();
     env.start_executor();
     let bad: Vec<(&str, Vec<u8>, &str)> = vec![
-        (
-            "jobs.submit.noop",
-            b"not json".to_vec(),
-            "not a JSON object",
-        ),
+        ("jobs.submit.noop", b"not json".to_vec(), "not a JSON object"),
         ("jobs.submit.noop", b"".to_vec(), "empty"),
         ("jobs.submit.noop", vec![0xff, 0xfe], "not UTF-8"),
         ("jobs.submit.noop", b"[1,2,3]".to_vec(), "not a JSON object"),
@@ -137,11 +122,7 @@ async fn malformed_bodies_are_dead_lettered_with_reasons_while_valid_jobs_flow()
             br#"{"kind":"Bad_Kind","payload":{}}"#.to_vec(),
             "field `kind`",
         ),
-        (
-            "jobs.run.fast.noop",
-            b"{broken".to_vec(),
-            "not a JSON object",
-        ),
+        ("jobs.run.fast.noop", b"{broken".to_vec(), "not a JSON object"),
         // Valid JSON that Postgres jsonb cannot store.
         (
             "jobs.submit.noop",
@@ -173,12 +154,7 @@ async fn malformed_bodies_are_dead_lettered_with_reasons_while_valid_jobs_flow()
         let d = dead
             .iter()
             .find(|d| d.original_subject == *subject && d.payload == *body)
-            .unwrap_or_else(|| {
-                panic!(
-                    "no dead letter for {subject} {:?}",
-                    String::from_utf8_lossy(body)
-                )
-            });
+            .unwrap_or_else(|| panic!("no dead letter for {subject} {:?}", String::from_utf8_lossy(body)));
         assert!(
             d.error.contains(reason),
             "{subject}: error {:?} should mention {reason:?}",
@@ -204,11 +180,7 @@ async fn failing_jobs_retry_with_the_right_attempt_counts_then_succeed_or_die() 
     env.start_executor();
     let flaky = env.submit("sleep", json!({"ms": 1, "fail_first": 2})).await;
     let doomed = env
-        .submit_with(
-            "sleep",
-            json!({"ms": 1, "fail_first": 99}),
-            json!({"max_attempts": 3}),
-        )
+        .submit_with("sleep", json!({"ms": 1, "fail_first": 99}), json!({"max_attempts": 3}))
         .await;
     let slow = env
         .submit_with(
@@ -220,10 +192,7 @@ async fn failing_jobs_retry_with_the_right_attempt_counts_then_succeed_or_die() 
 
     let row = env.wait_for_status(flaky, "succeeded").await;
     assert_eq!(row.attempts, 3);
-    assert_eq!(
-        row.lane, "slow",
-        "sleep jobs are routed to the slow lane by default"
-    );
+    assert_eq!(row.lane, "slow", "sleep jobs are routed to the slow lane by default");
     assert_eq!(row.error, None, "a success clears the last error");
     let history: Vec<(String, i32)> = env.events(flaky).await;
     let want: Vec<(String, i32)> = [
@@ -243,19 +212,13 @@ async fn failing_jobs_retry_with_the_right_attempt_counts_then_succeed_or_die() 
     let row = env.wait_for_status(doomed, "dead").await;
     assert_eq!(row.attempts, 3);
     assert!(
-        row.error
-            .as_deref()
-            .unwrap()
-            .contains("failed 3 of 3 attempts"),
+        row.error.as_deref().unwrap().contains("failed 3 of 3 attempts"),
         "{row:?}"
     );
     let row = env.wait_for_status(slow, "dead").await;
     assert_eq!(row.attempts, 2);
     assert!(
-        row.error
-            .as_deref()
-            .unwrap()
-            .contains("timed out after 100 ms"),
+        row.error.as_deref().unwrap().contains("timed out after 100 ms"),
         "{row:?}"
     );
 
@@ -271,10 +234,7 @@ async fn failing_jobs_retry_with_the_right_attempt_counts_then_succeed_or_die() 
     assert_eq!(d.attempts, "2");
     assert_eq!(d.subject, "jobs.dead.sleep");
     assert_eq!(d.original_subject, "jobs.run.slow.sleep");
-    let d = dead
-        .iter()
-        .find(|d| d.error.contains("failed 3 of 3"))
-        .unwrap();
+    let d = dead.iter().find(|d| d.error.contains("failed 3 of 3")).unwrap();
     assert_eq!(d.attempts, "3");
     assert_eq!(
         env.stream_len("JOBS_RUN").await,
@@ -294,21 +254,15 @@ async fn http_jobs_succeed_on_2xx_retry_on_5xx_and_die_on_4xx() {
         ("/missing", vec![404]),
     ])
     .await;
-    let ok = env
-        .submit("http", json!({"url": format!("{server}/ok")}))
-        .await;
+    let ok = env.submit("http", json!({"url": format!("{server}/ok")})).await;
     let flaky = env
         .submit(
             "http",
             json!({"url": format!("{server}/flaky"), "method": "POST", "body": {"a": 1}}),
         )
         .await;
-    let missing = env
-        .submit("http", json!({"url": format!("{server}/missing")}))
-        .await;
-    let bad = env
-        .submit("http", json!({"url": "ftp://example.invalid/x"}))
-        .await;
+    let missing = env.submit("http", json!({"url": format!("{server}/missing")})).await;
+    let bad = env.submit("http", json!({"url": "ftp://example.invalid/x"})).await;
     assert_eq!(env.wait_for_status(ok, "succeeded").await.attempts, 1);
     let r = env.wait_for_status(flaky, "succeeded").await;
     assert_eq!(r.attempts, 2);
@@ -317,11 +271,6 @@ async fn http_jobs_succeed_on_2xx_retry_on_5xx_and_die_on_4xx() {
     assert_eq!((r.attempts, r.error.as_deref()), (1, Some("HTTP 404")));
     let r = env.wait_for_status(bad, "dead").await;
     assert!(r.error.unwrap().contains("scheme"));
-    let kinds: HashSet<String> = env
-        .dead_letters()
-        .await
-        .into_iter()
-        .map(|d| d.subject)
-        .collect();
+    let kinds: HashSet<String> = env.dead_letters().await.into_iter().map(|d| d.subject).collect();
     assert_eq!(kinds, HashSet::from(["jobs.dead.http".to_string()]));
 }

@@ -23,10 +23,7 @@ async fn resize(job: JobInput) -> HandlerResult {
     }
     if !args.url.starts_with("https://") {
         // Retried with backoff until the job's attempts are used up.
-        return Err(HandlerError::retry(format!(
-            "cannot fetch {} yet",
-            args.url
-        )));
+        return Err(HandlerError::retry(format!("cannot fetch {} yet", args.url)));
     }
     Ok(serde_json::json!({"resized": args.url, "width": args.width}))
 }

@@ -13,6 +13,7 @@ use mlsched::config::Settings;
 use mlsched::job::{self, envelope::IdSource, Job, JobId, Lane, Status};
 use mlsched::runtime::{backoff, dead_letter, with_heartbeat};
 use mlsched::store::{Record, StoreError};
+use mlsched::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_TOTAL, JOB_RUN, JOB_WAIT, REDELIVERIES};
 use tracing::Instrument;
 
 use crate::handler::{HandlerError, HandlerResult, JobInput};
@@ -59,6 +60,10 @@ pub(crate) async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
         return Settle::Requeue;
     };
     let delivered = info.delivered.max(1) as u32;
+    if delivered > 1 {
+        metrics::counter!(REDELIVERIES, "stream" => job::RUN_STREAM, "consumer" => info.consumer.to_string())
+            .increment(1);
+    }
     let seq = info.stream_sequence;
     let published: DateTime<Utc> = info.published;
     let subject = msg.subject.to_string();
@@ -71,10 +76,7 @@ pub(crate) async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
     let msg_id = header(job::MSG_ID_HEADER);
     let id_source = match &msg_id {
         Some(h) => IdSource::MsgId(h),
-        None => IdSource::Derived(JobId::for_message(
-            seq,
-            published.timestamp_millis().max(0) as u64,
-        )),
+        None => IdSource::Derived(JobId::for_message(seq, published.timestamp_millis().max(0) as u64)),
     };
     let job = match Job::parse(job::kind_token(&subject), &msg.payload, id_source) {
         Ok(j) => j,
@@ -93,6 +95,8 @@ pub(crate) async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
             {
                 Ok(()) => {
                     tracing::warn!(%subject, error = %e, "malformed job dead-lettered");
+                    let kind = dead_kind_label(&subject);
+                    metrics::counter!(DEAD_LETTERS, "kind" => kind, "stage" => "executor").increment(1);
                     Settle::Term
                 }
                 Err(pe) => {
@@ -153,7 +157,13 @@ async fn run_job(
         _ = ctx.hard.cancelled() => return Settle::Requeue,
     };
     match claim {
-        Ok(c) if c.applied => {}
+        Ok(c) if c.applied => {
+            if delivered == 1 {
+                let waited = (Utc::now() - submitted_at).num_milliseconds().max(0) as f64 / 1000.0;
+                metrics::histogram!(JOB_WAIT, "kind" => job.kind.to_string(), "lane" => base.lane.to_string())
+                    .record(waited);
+            }
+        }
         Ok(c) if c.status == Status::Dead => {
             let reason = "recorded dead by an earlier delivery".to_string();
             return give_up(ctx, msg, &job, base, reason, delivered).await;
@@ -171,15 +181,7 @@ async fn run_job(
             ));
         }
         Err(StoreError::Rejected(e)) => {
-            return give_up(
-                ctx,
-                msg,
-                &job,
-                base,
-                format!("cannot record the job: {e}"),
-                delivered,
-            )
-            .await
+            return give_up(ctx, msg, &job, base, format!("cannot record the job: {e}"), delivered).await
         }
         Err(_) => return Settle::Requeue,
     }
@@ -222,7 +224,10 @@ async fn run_job(
             }
         }
     };
-    let ran_ms = started.elapsed().as_millis() as i64;
+    let ran = started.elapsed();
+    let ran_ms = ran.as_millis() as i64;
+    metrics::histogram!(JOB_RUN, "kind" => job.kind.to_string(), "lane" => base.lane.to_string())
+        .record(ran.as_secs_f64());
 
     let (status, delay) = decide(&outcome, delivered, max_attempts, s);
     let mut rec = base.moved(status);
@@ -250,6 +255,12 @@ async fn run_job(
         r = with_heartbeat(msg, every, ctx.writer.write(rec), || {}) => r,
         _ = ctx.hard.cancelled() => return Settle::Requeue,
     };
+    if let Ok(c) = &recorded {
+        if c.applied {
+            let outcome = if delay.is_some() { "failed" } else { "succeeded" };
+            metrics::counter!(JOBS_TOTAL, "kind" => job.kind.to_string(), "outcome" => outcome).increment(1);
+        }
+    }
     match (recorded, delay) {
         (Ok(_), None) => Settle::Ack,
         (Ok(_), Some(d)) => Settle::Retry(d),
@@ -264,14 +275,7 @@ async fn run_job(
 /// the message. Recording first means a job that already succeeded (its ack was lost)
 /// is never dead-lettered; a crash between the two steps finds the row dead on the next
 /// delivery and publishes the dead letter then (deduplicated by job id).
-async fn give_up(
-    ctx: &Ctx,
-    msg: &Message,
-    job: &Job,
-    base: Record,
-    reason: String,
-    attempts: u32,
-) -> Settle {
+async fn give_up(ctx: &Ctx, msg: &Message, job: &Job, base: Record, reason: String, attempts: u32) -> Settle {
     let mut rec = base.moved(Status::Dead);
     rec.finished_at = Some(Utc::now());
     rec.error = Some(reason.clone());
@@ -280,7 +284,11 @@ async fn give_up(
             tracing::info!(status = %c.status, "job already finished; not dead-lettering it");
             return Settle::Ack;
         }
-        Ok(_) => {}
+        Ok(c) => {
+            if c.applied {
+                metrics::counter!(JOBS_TOTAL, "kind" => job.kind.to_string(), "outcome" => "dead").increment(1);
+            }
+        }
         Err(StoreError::Rejected(e)) => {
             tracing::error!(error = %e, "dead record refused; dead-lettering anyway")
         }
@@ -302,6 +310,7 @@ async fn give_up(
     match published {
         Ok(()) => {
             tracing::warn!(%reason, "job dead-lettered");
+            metrics::counter!(DEAD_LETTERS, "kind" => job.kind.to_string(), "stage" => "executor").increment(1);
             Settle::Term
         }
         Err(e) => {
@@ -325,20 +334,9 @@ mod tests {
         let (st, d) = decide(&Err(HandlerError::retry("x")), 1, 5, &s);
         assert_eq!(st, Status::Failed);
         assert!(d.unwrap() <= Duration::from_millis(s.retry.base_ms));
-        let (st, d) = decide(
-            &Err(HandlerError::retry_after("x", Duration::from_secs(7))),
-            2,
-            5,
-            &s,
-        );
+        let (st, d) = decide(&Err(HandlerError::retry_after("x", Duration::from_secs(7))), 2, 5, &s);
         assert_eq!((st, d), (Status::Failed, Some(Duration::from_secs(7))));
-        assert_eq!(
-            decide(&Err(HandlerError::retry("x")), 5, 5, &s),
-            (Status::Dead, None)
-        );
-        assert_eq!(
-            decide(&Err(HandlerError::fatal("x")), 1, 5, &s),
-            (Status::Dead, None)
-        );
+        assert_eq!(decide(&Err(HandlerError::retry("x")), 5, 5, &s), (Status::Dead, None));
+        assert_eq!(decide(&Err(HandlerError::fatal("x")), 1, 5, &s), (Status::Dead, None));
     }
 }

@@ -54,9 +54,7 @@ impl HandlerError {
 
     /// A permanent failure.
     pub fn fatal(reason: impl Into<String>) -> HandlerError {
-        HandlerError::Fatal {
-            reason: reason.into(),
-        }
+        HandlerError::Fatal { reason: reason.into() }
     }
 
     /// The failure's reason.
@@ -88,9 +86,8 @@ impl JobInput {
     /// The payload as `T`; a payload of the wrong shape is a [`HandlerError::Fatal`]
     /// (retrying cannot fix it).
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_str(self.payload.get()).map_err(|e| {
-            HandlerError::fatal(format!("payload does not fit kind {}: {e}", self.kind))
-        })
+        serde_json::from_str(self.payload.get())
+            .map_err(|e| HandlerError::fatal(format!("payload does not fit kind {}: {e}", self.kind)))
     }
 }
 
@@ -126,14 +123,9 @@ impl Registry {
     }
 
     /// Registers `handler` for `kind` (replacing any earlier one).
-    pub fn register(
-        &mut self,
-        kind: &str,
-        handler: impl Handler,
-    ) -> Result<&mut Registry, NameError> {
+    pub fn register(&mut self, kind: &str, handler: impl Handler) -> Result<&mut Registry, NameError> {
         let kind = Kind::new(kind)?;
-        self.handlers
-            .insert(kind.as_str().to_string(), Arc::new(handler));
+        self.handlers.insert(kind.as_str().to_string(), Arc::new(handler));
         Ok(self)
     }
 

@@ -112,12 +112,9 @@ fn default_method() -> String {
 /// other status is permanent.
 async fn call_http(client: reqwest::Client, job: JobInput) -> HandlerResult {
     let args: HttpArgs = job.payload()?;
-    let method =
-        reqwest::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes()).map_err(|_| {
-            HandlerError::fatal(format!("`method` {:?} is not an HTTP method", args.method))
-        })?;
-    let url = reqwest::Url::parse(&args.url)
-        .map_err(|e| HandlerError::fatal(format!("`url` is invalid: {e}")))?;
+    let method = reqwest::Method::from_bytes(args.method.to_ascii_uppercase().as_bytes())
+        .map_err(|_| HandlerError::fatal(format!("`method` {:?} is not an HTTP method", args.method)))?;
+    let url = reqwest::Url::parse(&args.url).map_err(|e| HandlerError::fatal(format!("`url` is invalid: {e}")))?;
     if !matches!(url.scheme(), "http" | "https") {
         return Err(HandlerError::fatal(format!(
             "`url` scheme {:?} is not http or https",

@@ -10,6 +10,8 @@ use mlsched::config::Settings;
 use mlsched::job::{self, Lane};
 use mlsched::runtime::Fetcher;
 use mlsched::store::Writer;
+use mlsched::telemetry::metrics::JOBS_IN_FLIGHT;
+use mlsched::telemetry::server::Health;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -23,6 +25,7 @@ pub(crate) struct Ctx {
     pub(crate) writer: Writer,
     pub(crate) js: jetstream::Context,
     pub(crate) hard: CancellationToken,
+    pub(crate) health: Health,
 }
 
 /// Consumes `executor-<lane>` until `soft` fires; attempts run on `tracker`.
@@ -51,6 +54,7 @@ pub(crate) async fn run(
         let Some(mut batch) = fetcher.batch(permits.len(), &soft).await else {
             break;
         };
+        ctx.health.set_consuming();
         while let Some(msg) = fetcher.next(&mut batch).await {
             // A message already delivered is run even after a soft stop: handing it
             // back would spend one of its attempts without running it.
@@ -58,9 +62,12 @@ pub(crate) async fn run(
                 Some(permit) => {
                     let ctx = ctx.clone();
                     let lane = lane.clone();
+                    let in_flight = metrics::gauge!(JOBS_IN_FLIGHT, "lane" => lane.to_string());
+                    in_flight.increment(1.0);
                     tracker.spawn(async move {
                         let settle = attempt(&ctx, &msg, &lane).await;
                         apply(&msg, settle).await;
+                        in_flight.decrement(1.0);
                         drop(permit);
                     });
                 }

@@ -21,6 +21,7 @@ use anyhow::Context as _;
 use mlsched::config::Settings;
 use mlsched::runtime::{DeadLetterer, Shutdown};
 use mlsched::store::{self, Writer};
+use mlsched::telemetry::server::{self, Health};
 use tokio_util::task::TaskTracker;
 
 pub use handler::{Handler, HandlerError, HandlerResult, JobInput, Registry};
@@ -31,24 +32,23 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 /// Runs an executor with `registry`'s kinds until `shutdown`.
-pub async fn run_with(
-    settings: Settings,
-    registry: Registry,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
+pub async fn run_with(settings: Settings, registry: Registry, shutdown: Shutdown) -> anyhow::Result<()> {
     settings.validate()?;
-    tokio::spawn(shutdown.grace_timer(settings.grace()));
-    let client =
-        match mlsched::client::connect(&settings.nats, "mlsched-executor", &shutdown.soft).await {
-            Ok(c) => c,
-            Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-    let pool = store::pool(&settings.database).context("database.url")?;
-    if store::wait_until_reachable(&pool, &shutdown.soft)
+    let health = Health::new();
+    let _ops = server::start(&settings.metrics.listen, health.clone())
         .await
-        .is_err()
-    {
+        .with_context(|| format!("metrics.listen {:?}", settings.metrics.listen))?;
+    tokio::spawn(shutdown.grace_timer(settings.grace()));
+    tokio::spawn(health.stopping_on(shutdown.soft.clone()));
+    let client = match mlsched::client::connect(&settings.nats, "mlsched-executor", &shutdown.soft).await {
+        Ok(c) => c,
+        Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    health.set_nats(client.clone());
+    let pool = store::pool(&settings.database).context("database.url")?;
+    health.set_pool(pool.clone());
+    if store::wait_until_reachable(&pool, &shutdown.soft).await.is_err() {
         return Ok(());
     }
     let writer_tasks = TaskTracker::new();
@@ -65,6 +65,7 @@ pub async fn run_with(
         writer: writer.clone(),
         js: async_nats::jetstream::new(client.clone()),
         hard: shutdown.hard.clone(),
+        health,
     });
     tracing::info!(kinds = ?ctx.registry.kinds(), lanes = ?settings.executor.lanes, "executor starting");
 
@@ -78,10 +79,7 @@ pub async fn run_with(
             tasks.clone(),
         ));
     }
-    tasks.spawn(
-        DeadLetterer::new(client.clone(), writer.clone(), settings.clone())
-            .run(shutdown.soft.clone()),
-    );
+    tasks.spawn(DeadLetterer::new(client.clone(), writer.clone(), settings.clone()).run(shutdown.soft.clone()));
     tasks.close();
     tasks.wait().await;
 

@@ -5,35 +5,43 @@
 //! Postgres, publishes it to `jobs.run.<lane>.<kind>` with the job id as
 //! `Nats-Msg-Id`, and acks the submission only once both are durable. Invalid bodies
 //! go to `jobs.dead.<kind>` with their reason. See `route` for the details.
+//!
+//! Every predictor replica also samples the backlog SLIs ([`mlsched::slo`]) and serves
+//! `/metrics`, `/healthz` and `/readyz` on `metrics.listen`.
 
 mod route;
 
 use anyhow::Context as _;
 use mlsched::config::Settings;
 use mlsched::runtime::{DeadLetterer, Shutdown};
+use mlsched::slo;
 use mlsched::store::{self, Writer};
+use mlsched::telemetry::server::{self, Health};
 use tokio_util::task::TaskTracker;
 
 /// Runs the routing stage until `shutdown`.
 pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     settings.validate()?;
-    tokio::spawn(shutdown.grace_timer(settings.grace()));
-    let client =
-        match mlsched::client::connect(&settings.nats, "mlsched-predictor", &shutdown.soft).await {
-            Ok(c) => c,
-            Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-    let pool = store::pool(&settings.database).context("database.url")?;
-    if store::wait_until_reachable(&pool, &shutdown.soft)
+    let health = Health::new();
+    let _ops = server::start(&settings.metrics.listen, health.clone())
         .await
-        .is_err()
-    {
+        .with_context(|| format!("metrics.listen {:?}", settings.metrics.listen))?;
+    tokio::spawn(shutdown.grace_timer(settings.grace()));
+    tokio::spawn(health.stopping_on(shutdown.soft.clone()));
+    let client = match mlsched::client::connect(&settings.nats, "mlsched-predictor", &shutdown.soft).await {
+        Ok(c) => c,
+        Err(mlsched::client::ConnectError::Cancelled) => return Ok(()),
+        Err(e) => return Err(e.into()),
+    };
+    health.set_nats(client.clone());
+    let pool = store::pool(&settings.database).context("database.url")?;
+    health.set_pool(pool.clone());
+    if store::wait_until_reachable(&pool, &shutdown.soft).await.is_err() {
         return Ok(());
     }
     let writer_tasks = TaskTracker::new();
     let writer = Writer::spawn(
-        pool,
+        pool.clone(),
         Some(client.clone()),
         &settings.store,
         shutdown.hard.clone(),
@@ -43,13 +51,23 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         settings: settings.clone(),
         writer: writer.clone(),
         js: async_nats::jetstream::new(client.clone()),
+        health,
     };
     let tasks = TaskTracker::new();
     tasks.spawn(route::run(stage, client.clone(), shutdown.soft.clone()));
-    tasks.spawn(
-        DeadLetterer::new(client.clone(), writer.clone(), settings.clone())
-            .run(shutdown.soft.clone()),
+    tasks.spawn(DeadLetterer::new(client.clone(), writer.clone(), settings.clone()).run(shutdown.soft.clone()));
+    let every = std::time::Duration::from_millis(settings.metrics.sample_interval_ms);
+    let mut lanes = settings.executor_lanes();
+    lanes.extend(
+        settings
+            .predictor
+            .lanes
+            .values()
+            .filter_map(|l| mlsched::job::Lane::new(l.as_str()).ok()),
     );
+    lanes.sort();
+    lanes.dedup();
+    tasks.spawn(slo::run(client.clone(), pool, lanes, every, shutdown.soft.clone()));
     tasks.close();
     tasks.wait().await;
     drop(writer);

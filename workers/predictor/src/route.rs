@@ -8,22 +8,25 @@
 //! reason and terminated; it never holds up the valid ones around it.
 
 use std::future::IntoFuture;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishAckFuture, message::AckKind, Message};
 use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use mlsched::config::Settings;
-use mlsched::job::{self, envelope::IdSource, Job, JobId, Status};
+use mlsched::job::{self, envelope::IdSource, Job, JobId, Lane, Status};
 use mlsched::runtime::{backoff, dead_letter, Fetcher};
 use mlsched::store::{Record, StoreError, Writer};
+use mlsched::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_ROUTED, PREDICTION};
+use mlsched::telemetry::server::Health;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) struct Stage {
     pub(crate) settings: Settings,
     pub(crate) writer: Writer,
     pub(crate) js: jetstream::Context,
+    pub(crate) health: Health,
 }
 
 /// Consumes `predictor` until `soft` fires.
@@ -32,6 +35,7 @@ pub(crate) async fn run(stage: Stage, client: async_nats::Client, soft: Cancella
     let mut fetcher = Fetcher::new(client, job::SUBMIT_STREAM, job::PREDICTOR_CONSUMER);
     tracing::info!(batch_size = max, "routing submissions");
     while let Some(mut batch) = fetcher.batch(max, &soft).await {
+        stage.health.set_consuming();
         while let Some(first) = fetcher.next(&mut batch).await {
             let mut group = vec![first];
             // Take what has already arrived; do not wait to fill the group.
@@ -66,6 +70,7 @@ async fn settle(msg: &Message, kind: AckKind) {
 struct Valid {
     msg: Message,
     job: Job,
+    lane: Lane,
     submitted_at: DateTime<Utc>,
 }
 
@@ -87,17 +92,20 @@ impl Stage {
                 .map(|v| v.as_str().to_string());
             let id_source = match &msg_id {
                 Some(h) => IdSource::MsgId(h),
-                None => IdSource::Derived(JobId::for_message(
-                    seq,
-                    published.timestamp_millis().max(0) as u64,
-                )),
+                None => IdSource::Derived(JobId::for_message(seq, published.timestamp_millis().max(0) as u64)),
             };
             match Job::parse(job::kind_token(&msg.subject), &msg.payload, id_source) {
-                Ok(job) => valid.push(Valid {
-                    msg,
-                    job,
-                    submitted_at: published,
-                }),
+                Ok(job) => {
+                    let started = Instant::now();
+                    let lane = self.settings.lane_for(&job.kind);
+                    metrics::histogram!(PREDICTION).record(started.elapsed().as_secs_f64());
+                    valid.push(Valid {
+                        msg,
+                        job,
+                        lane,
+                        submitted_at: published,
+                    })
+                }
                 Err(e) => {
                     self.reject(
                         &msg,
@@ -116,24 +124,12 @@ impl Stage {
         let records = valid
             .iter()
             .map(|v| {
-                let max = v
-                    .job
-                    .max_attempts
-                    .unwrap_or(self.settings.retry.max_attempts);
-                Record::new(
-                    &v.job,
-                    self.settings.lane_for(&v.job.kind),
-                    Status::Queued,
-                    0,
-                    max,
-                    v.submitted_at,
-                )
+                let max = v.job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
+                Record::new(&v.job, v.lane.clone(), Status::Queued, 0, max, v.submitted_at)
             })
             .collect();
         let msgs: Vec<&Message> = valid.iter().map(|v| &v.msg).collect();
-        let commits = self
-            .progress_while(&msgs, self.writer.write_all(records))
-            .await;
+        let commits = self.progress_while(&msgs, self.writer.write_all(records)).await;
 
         let mut publishes: Vec<(Valid, PublishAckFuture)> = Vec::with_capacity(valid.len());
         for (v, commit) in valid.into_iter().zip(commits) {
@@ -171,7 +167,11 @@ impl Stage {
         let results = futures::future::join_all(acks.into_iter().map(|a| a.into_future())).await;
         for (v, ack) in routed.into_iter().zip(results) {
             match ack {
-                Ok(_) => settle(&v.msg, AckKind::Ack).await,
+                Ok(_) => {
+                    settle(&v.msg, AckKind::Ack).await;
+                    metrics::counter!(JOBS_ROUTED, "kind" => v.job.kind.to_string(), "lane" => v.lane.to_string())
+                        .increment(1);
+                }
                 Err(e) => {
                     tracing::warn!(id = %v.job.id, error = %e, "run publish not acknowledged; will retry");
                     settle(&v.msg, AckKind::Nak(Some(self.retry_delay(&v.msg)))).await;
@@ -194,11 +194,7 @@ impl Stage {
 
     /// Runs `work` while sending in-progress acks for `msgs`, so a slow Postgres does
     /// not let their AckWait expire.
-    async fn progress_while<F: std::future::Future>(
-        &self,
-        msgs: &[&Message],
-        work: F,
-    ) -> F::Output {
+    async fn progress_while<F: std::future::Future>(&self, msgs: &[&Message], work: F) -> F::Output {
         let every = Duration::from_millis(self.settings.executor.heartbeat_ms);
         tokio::pin!(work);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -214,11 +210,8 @@ impl Stage {
         }
     }
 
-    async fn publish(
-        &self,
-        v: &Valid,
-    ) -> Result<PublishAckFuture, jetstream::context::PublishError> {
-        let lane = self.settings.lane_for(&v.job.kind);
+    async fn publish(&self, v: &Valid) -> Result<PublishAckFuture, jetstream::context::PublishError> {
+        let lane = &v.lane;
         let mut headers = HeaderMap::new();
         if let Some(h) = &v.msg.headers {
             for (name, values) in h.iter() {
@@ -232,16 +225,9 @@ impl Stage {
             }
         }
         headers.insert(job::MSG_ID_HEADER, v.job.id.to_string().as_str());
-        headers.insert(
-            job::SUBMITTED_AT_HEADER,
-            v.submitted_at.to_rfc3339().as_str(),
-        );
+        headers.insert(job::SUBMITTED_AT_HEADER, v.submitted_at.to_rfc3339().as_str());
         self.js
-            .publish_with_headers(
-                job::run_subject(&lane, &v.job.kind),
-                headers,
-                v.job.to_json().into(),
-            )
+            .publish_with_headers(job::run_subject(lane, &v.job.kind), headers, v.job.to_json().into())
             .await
     }
 
@@ -259,6 +245,8 @@ impl Stage {
         {
             Ok(()) => {
                 tracing::warn!(subject = %msg.subject, error = %reason, "invalid submission dead-lettered");
+                let kind = dead_kind_label(&msg.subject);
+                metrics::counter!(DEAD_LETTERS, "kind" => kind, "stage" => "predictor").increment(1);
                 settle(msg, AckKind::Term).await;
             }
             Err(e) => {

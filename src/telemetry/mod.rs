@@ -1,5 +1,10 @@
-//! Logging setup: human-readable by default, JSON with `MLSCHED__LOG__FORMAT=json`.
-//! `RUST_LOG` overrides the configured level. Payloads and secrets are never logged.
+//! What a process tells its operators: logs (human-readable by default, JSON with
+//! `MLSCHED__LOG__FORMAT=json`; `RUST_LOG` overrides the level; payloads and secrets
+//! are never logged), Prometheus [`metrics`], and the [`server`] that serves
+//! `/metrics`, `/healthz` and `/readyz`.
+
+pub mod metrics;
+pub mod server;
 
 use tracing_subscriber::EnvFilter;
 
