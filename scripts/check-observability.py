@@ -1,0 +1,70 @@
+#!/usr/bin/env python3
+"""Offline checks of the observability layer that promtool and amtool cannot do alone.
+
+- prometheus.yml with its Kubernetes service discovery swapped for a static target
+  (Debian's promtool is built without Kubernetes SD), written next to a copy of the
+  rules so `promtool check config` validates everything else;
+- every alert has severity, summary, description and a runbook_url whose anchor is a
+  section of docs/runbooks.md;
+- every metric the rules use is one the code exports (src/telemetry/metrics.rs).
+
+Usage: scripts/check-observability.py OUT_DIR   (prints the config path to check)
+"""
+import pathlib
+import re
+import shutil
+import sys
+
+import yaml
+
+root = pathlib.Path(__file__).resolve().parent.parent
+out = pathlib.Path(sys.argv[1])
+problems = []
+
+# 1. prometheus.yml for promtool.
+prom = yaml.safe_load((root / "infra/prometheus/prometheus.yml").read_text())
+for job in prom["scrape_configs"]:
+    for sd in job.pop("kubernetes_sd_configs", []):
+        if sd.get("role") not in {"node", "pod", "service", "endpoints", "endpointslice", "ingress"}:
+            problems.append(f"{job['job_name']}: kubernetes_sd_configs role {sd.get('role')!r} is not a valid role")
+        job.setdefault("static_configs", []).append({"targets": ["pod.example:9464"]})
+shutil.copytree(root / "infra/prometheus/alerts", out / "alerts", dirs_exist_ok=True)
+shutil.copytree(root / "infra/prometheus/targets", out / "targets", dirs_exist_ok=True)
+(out / "prometheus.yml").write_text(yaml.safe_dump(prom))
+
+# 2. alert annotations and runbook anchors.
+def anchor(heading):
+    return re.sub(r"[^a-z0-9 -]", "", heading.strip().lower()).replace(" ", "-")
+
+runbook = (root / "docs/runbooks.md").read_text()
+anchors = {anchor(line[3:]) for line in runbook.splitlines() if line.startswith("## ")}
+rules = yaml.safe_load((root / "infra/prometheus/alerts/slo-alerts.yml").read_text())
+alerts = [r for g in rules["groups"] for r in g["rules"] if "alert" in r]
+for a in alerts:
+    name = a["alert"]
+    if a.get("labels", {}).get("severity") not in {"critical", "warning", "info"}:
+        problems.append(f"{name}: severity label missing or unknown")
+    for key in ("summary", "description", "runbook_url"):
+        if not a.get("annotations", {}).get(key):
+            problems.append(f"{name}: annotation {key} missing")
+    url = a.get("annotations", {}).get("runbook_url", "")
+    if "#" not in url or url.split("#", 1)[1] not in anchors:
+        problems.append(f"{name}: runbook_url {url!r} names no section of docs/runbooks.md")
+
+# 3. metrics used by the rules exist in the code.
+code = (root / "src/telemetry/metrics.rs").read_text()
+exported = set(re.findall(r'pub const [A-Z_]+: &str = "(mlsched_[a-z_]+)";', code))
+used = set()
+for g in rules["groups"]:
+    for r in g["rules"]:
+        used |= set(re.findall(r"(?<![:\w])(mlsched_[a-z_]+)", r["expr"]))
+for m in sorted(used):
+    base = re.sub(r"_(bucket|count|sum)$", "", m)
+    if m not in exported and base not in exported:
+        problems.append(f"rules use {m}, which the code does not export")
+
+for p in problems:
+    print("check-observability:", p, file=sys.stderr)
+if problems:
+    sys.exit(1)
+print(out / "prometheus.yml")
