@@ -6,7 +6,11 @@
   rules so `promtool check config` validates everything else;
 - every alert has severity, summary, description and a runbook_url whose anchor is a
   section of docs/runbooks.md;
-- every metric the rules use is one the code exports (src/telemetry/metrics.rs).
+- every metric the rules use is one the code exports (src/telemetry/metrics.rs);
+- the Grafana dashboards: uid, title, schemaVersion, unique panel ids, a gridPos and
+  targets on every panel, and every panel's PromQL written to OUT_DIR/dashboard-rules.yml
+  (with Grafana's $__ variables replaced) for `promtool check rules` to parse, using
+  only metrics the code exports or the rules record.
 
 Usage: scripts/check-observability.py OUT_DIR   (prints the config path to check)
 """
@@ -62,6 +66,42 @@ for m in sorted(used):
     base = re.sub(r"_(bucket|count|sum)$", "", m)
     if m not in exported and base not in exported:
         problems.append(f"rules use {m}, which the code does not export")
+
+# 4. Grafana dashboards.
+import json
+recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+dash_rules = []
+for path in sorted((root / "infra/grafana/dashboards").glob("*.json")):
+    d = json.loads(path.read_text())
+    for key in ("uid", "title", "schemaVersion", "panels"):
+        if not d.get(key):
+            problems.append(f"{path.name}: {key} missing")
+    ids = [p["id"] for p in d["panels"]]
+    if len(ids) != len(set(ids)):
+        problems.append(f"{path.name}: panel ids are not unique")
+    for p in d["panels"]:
+        where = f"{path.name} panel {p.get('id')} {p.get('title')!r}"
+        if not all(k in p.get("gridPos", {}) for k in ("x", "y", "w", "h")):
+            problems.append(f"{where}: gridPos incomplete")
+        if p["type"] == "row":
+            continue
+        if not p.get("targets"):
+            problems.append(f"{where}: no targets")
+        for t in p.get("targets", []):
+            expr = t.get("expr", "")
+            for var, value in (("$__rate_interval", "5m"), ("$__interval", "1m"), ("$__range", "1h")):
+                expr = expr.replace(var, value)
+            if "$" in expr.replace('"$1"', ""):
+                problems.append(f"{where}: unknown variable in {expr!r}")
+            dash_rules.append({"record": f"dashboard:check:{len(dash_rules)}", "expr": expr})
+            for m in set(re.findall(r"(?<![:\w])(mlsched_[a-z_]+)", expr)):
+                base = re.sub(r"_(bucket|count|sum)$", "", m)
+                if m not in exported and base not in exported:
+                    problems.append(f"{where}: uses {m}, which the code does not export")
+            for m in set(re.findall(r"(mlsched:[a-z0-9_:]+)", expr)):
+                if m not in recorded:
+                    problems.append(f"{where}: uses {m}, which no rule records")
+(out / "dashboard-rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": dash_rules}]}))
 
 for p in problems:
     print("check-observability:", p, file=sys.stderr)

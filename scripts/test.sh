@@ -19,11 +19,12 @@ cargo fmt --all --check
 step "cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
-step "alert rules, Prometheus and Alertmanager configs (promtool, amtool)"
+step "alert rules, Prometheus and Alertmanager configs, Grafana dashboards (promtool, amtool)"
 promtool check rules infra/prometheus/alerts/slo-alerts.yml
 promtool test rules infra/prometheus/tests/slo-alerts.test.yml
 checked="$(mktemp -d)"
 promtool check config "$(scripts/check-observability.py "$checked")"
+promtool check rules "$checked/dashboard-rules.yml"
 amtool check-config infra/alertmanager/alertmanager.yml
 
 step "unit and integration tests with $("$system_nats" --version)"
