@@ -10,7 +10,9 @@
 - the Grafana dashboards: uid, title, schemaVersion, unique panel ids, a gridPos and
   targets on every panel, and every panel's PromQL written to OUT_DIR/dashboard-rules.yml
   (with Grafana's $__ variables replaced) for `promtool check rules` to parse, using
-  only metrics the code exports or the rules record.
+  only metrics the code exports or the rules record;
+- the tracing manifests (infra/tracing/*.yaml) against the vendored CRD schemas in
+  infra/schemas/crds/.
 
 Usage: scripts/check-observability.py OUT_DIR   (prints the config path to check)
 """
@@ -102,6 +104,22 @@ for path in sorted((root / "infra/grafana/dashboards").glob("*.json")):
                 if m not in recorded:
                     problems.append(f"{where}: uses {m}, which no rule records")
 (out / "dashboard-rules.yml").write_text(yaml.safe_dump({"groups": [{"name": "dashboards", "rules": dash_rules}]}))
+
+# 5. Custom resources against their CRD schemas.
+import jsonschema
+
+for path in sorted((root / "infra/tracing").glob("*.yaml")):
+    for doc in yaml.safe_load_all(path.read_text()):
+        if not doc:
+            continue
+        group, _, version = doc["apiVersion"].rpartition("/")
+        schema_path = root / "infra/schemas/crds" / group / f"{doc['kind'].lower()}_{version}.json"
+        if not schema_path.is_file():
+            problems.append(f"{path.name}: no schema for {doc['apiVersion']} {doc['kind']}")
+            continue
+        schema = json.loads(schema_path.read_text())
+        for err in jsonschema.Draft7Validator(schema).iter_errors(doc):
+            problems.append(f"{path.name}: {'/'.join(map(str, err.path))}: {err.message}")
 
 for p in problems:
     print("check-observability:", p, file=sys.stderr)

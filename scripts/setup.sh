@@ -26,6 +26,7 @@ have_postgres || missing+=(postgresql)
 command -v python3 >/dev/null 2>&1 || missing+=(python3)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 python3 -c 'import yaml' >/dev/null 2>&1 || missing+=(python3-yaml)
+python3 -c 'import jsonschema' >/dev/null 2>&1 || missing+=(python3-jsonschema)
 command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v amtool >/dev/null 2>&1 || missing+=(prometheus-alertmanager)
 if [ ${#missing[@]} -gt 0 ]; then

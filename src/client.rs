@@ -102,8 +102,9 @@ impl Producer {
         }
     }
 
-    /// Sends one envelope with `Nats-Msg-Id` = `id` and returns the future of its
-    /// publish ack; await it (a dropped ack future is a job you cannot vouch for).
+    /// Sends one envelope with `Nats-Msg-Id` = `id` (and the current span's
+    /// `traceparent` when tracing is on) and returns the future of its publish ack;
+    /// await it (a dropped ack future is a job you cannot vouch for).
     pub async fn send(
         &self,
         subject: String,
@@ -112,6 +113,7 @@ impl Producer {
     ) -> Result<PublishAckFuture, async_nats::jetstream::context::PublishError> {
         let mut headers = HeaderMap::new();
         headers.insert(job::MSG_ID_HEADER, id.to_string().as_str());
+        crate::telemetry::trace::inject(&tracing::Span::current(), &mut headers);
         self.js.publish_with_headers(subject, headers, body).await
     }
 

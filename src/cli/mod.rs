@@ -86,7 +86,7 @@ pub async fn main() -> anyhow::Result<()> {
     if std::env::var_os("MLSCHED__LOG__LEVEL").is_none() && settings.log.level == "info" {
         settings.log.level = "warn".into();
     }
-    crate::telemetry::init(&settings.log);
+    let _traces = crate::telemetry::init(&settings.log, "mlsched");
     run(cli.command, settings).await
 }
 

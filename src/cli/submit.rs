@@ -9,6 +9,7 @@ use anyhow::{bail, Context as _};
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use tracing::Instrument;
 
 use crate::client::Producer;
 use crate::config::Settings;
@@ -84,7 +85,9 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
             env["timeout_ms"] = t.into();
         }
         let body = serde_json::to_vec(&env)?;
-        acks.push(producer.send(subject.clone(), id, body.into()).await?.into_future());
+        let span = publish_span(&subject, id);
+        let sent = producer.send(subject.clone(), id, body.into()).instrument(span).await?;
+        acks.push(sent.into_future());
         ids.push(id);
         while acks.len() >= WINDOW {
             if let Some(ack) = acks.next().await {
@@ -163,6 +166,22 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
         );
     }
     Ok(())
+}
+
+/// A producer span per job when tracing is on, so the job's trace starts here.
+fn publish_span(subject: &str, id: JobId) -> tracing::Span {
+    if !crate::telemetry::trace::enabled() {
+        return tracing::Span::none();
+    }
+    tracing::info_span!(
+        "publish",
+        otel.name = %format!("{subject} publish"),
+        otel.kind = "producer",
+        messaging.system = "nats",
+        messaging.operation.type = "send",
+        messaging.destination.name = %subject,
+        messaging.message.id = %id,
+    )
 }
 
 pub(super) fn progress(len: u64, what: &str) -> ProgressBar {

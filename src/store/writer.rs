@@ -28,6 +28,12 @@ use crate::telemetry::metrics::{STORE_BATCH_SIZE, STORE_COMMIT, STORE_ERRORS};
 struct Pending {
     record: Record,
     done: oneshot::Sender<Result<Commit, StoreError>>,
+    /// The caller's span, so the write shows up in the job's trace (tracing on only).
+    span: Option<tracing::Span>,
+}
+
+fn caller_span() -> Option<tracing::Span> {
+    crate::telemetry::trace::enabled().then(tracing::Span::current)
 }
 
 // Nearly every op is a write; boxing it would cost an allocation per record.
@@ -72,7 +78,11 @@ impl Writer {
     pub async fn write(&self, record: Record) -> Result<Commit, StoreError> {
         let (done, rx) = oneshot::channel();
         self.tx
-            .send(Op::Write(Pending { record, done }))
+            .send(Op::Write(Pending {
+                record,
+                done,
+                span: caller_span(),
+            }))
             .await
             .map_err(|_| StoreError::ShuttingDown)?;
         rx.await.unwrap_or(Err(StoreError::ShuttingDown))
@@ -84,7 +94,15 @@ impl Writer {
         let mut waits = Vec::with_capacity(records.len());
         for record in records {
             let (done, rx) = oneshot::channel();
-            match self.tx.send(Op::Write(Pending { record, done })).await {
+            match self
+                .tx
+                .send(Op::Write(Pending {
+                    record,
+                    done,
+                    span: caller_span(),
+                }))
+                .await
+            {
                 Ok(()) => waits.push(Some(rx)),
                 Err(_) => waits.push(None),
             }
@@ -208,6 +226,22 @@ impl Task {
         idx.sort_unstable_by_key(|&i| batch[i].record.id);
         let records: Vec<&Record> = idx.iter().map(|&i| &batch[i].record).collect();
 
+        // One child span per traced record, open for as long as its batch is written.
+        let write_spans: Vec<tracing::Span> = batch
+            .iter()
+            .filter_map(|p| p.span.as_ref())
+            .map(|parent| {
+                tracing::info_span!(
+                    parent: parent,
+                    "store.write",
+                    otel.kind = "client",
+                    db.system.name = "postgresql",
+                    db.operation.name = "upsert",
+                    db.collection.name = "jobs",
+                    db.operation.batch.size = records.len(),
+                )
+            })
+            .collect();
         let results: HashMap<JobId, Result<Commit, StoreError>> = match self.execute_with_retry(&records).await {
             Ok(commits) => commits.into_iter().map(|(id, c)| (id, Ok(c))).collect(),
             Err(StoreError::Rejected(_)) if records.len() > 1 => {
@@ -221,6 +255,7 @@ impl Task {
             Err(e) => records.iter().map(|r| (r.id, Err(e.clone()))).collect(),
         };
 
+        drop(write_spans); // the spans end when the batch has committed
         let mut published = Vec::new();
         for (i, p) in batch.into_iter().enumerate() {
             let is_winner = winner.get(&p.record.id) == Some(&i);

@@ -8,7 +8,8 @@ use mlsched::runtime::Shutdown;
 async fn main() -> anyhow::Result<()> {
     let role = std::env::args().nth(1).unwrap_or_default();
     let settings = Settings::load(None)?;
-    mlsched::telemetry::init(&settings.log);
+    let service = format!("mlsched-{role}");
+    let _traces = mlsched::telemetry::init(&settings.log, &service);
     let shutdown = Shutdown::new();
     tokio::spawn(shutdown.on_signals());
     match role.as_str() {

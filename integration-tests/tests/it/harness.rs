@@ -222,6 +222,21 @@ impl TestEnv {
         ]
     }
 
+    /// Starts `it-worker <role>` as a separate process, its logs into `log`.
+    pub fn spawn_process_logging(&self, role: &str, extra_env: &[(&str, &str)], log: &std::path::Path) -> Child {
+        Command::new(env!("CARGO_BIN_EXE_it-worker"))
+            .arg(role)
+            .env_clear()
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .envs(self.process_env())
+            .envs(extra_env.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(log).unwrap())
+            .spawn()
+            .unwrap()
+    }
+
     /// Starts `it-worker <role>` as a separate process.
     pub fn spawn_process(&self, role: &str, extra_env: &[(&str, &str)]) -> Child {
         Command::new(env!("CARGO_BIN_EXE_it-worker"))

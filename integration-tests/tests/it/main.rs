@@ -7,3 +7,4 @@ mod harness;
 mod http;
 mod observability;
 mod pipeline;
+mod tracing_export;

@@ -31,7 +31,7 @@ async fn resize(job: JobInput) -> HandlerResult {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let settings = Settings::load(None)?;
-    mlsched::telemetry::init(&settings.log);
+    let _traces = mlsched::telemetry::init(&settings.log, "mlsched-executor");
     let mut registry = kinds::builtin();
     registry.register("resize", resize)?;
     let shutdown = Shutdown::new();

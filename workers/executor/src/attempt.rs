@@ -14,6 +14,7 @@ use mlsched::job::{self, envelope::IdSource, Job, JobId, Lane, Status};
 use mlsched::runtime::{backoff, dead_letter, with_heartbeat};
 use mlsched::store::{Record, StoreError};
 use mlsched::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_TOTAL, JOB_RUN, JOB_WAIT, REDELIVERIES};
+use mlsched::telemetry::trace;
 use tracing::Instrument;
 
 use crate::handler::{HandlerError, HandlerResult, JobInput};
@@ -106,7 +107,23 @@ pub(crate) async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
             };
         }
     };
-    let span = tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = delivered);
+    let span = tracing::info_span!(
+        "job",
+        id = %job.id,
+        kind = %job.kind,
+        attempt = delivered,
+        trace_id = tracing::field::Empty,
+        otel.name = %format!("{subject} process"),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %subject,
+        messaging.message.id = %job.id,
+    );
+    trace::continue_from(&span, msg.headers.as_ref());
+    if let Some(id) = trace::trace_id(&span) {
+        span.record("trace_id", id.as_str());
+    }
     let submitted_header = header(job::SUBMITTED_AT_HEADER);
     run_job(ctx, msg, job, lane, delivered, published, submitted_header)
         .instrument(span)

@@ -86,9 +86,33 @@ impl JobInput {
     /// The payload as `T`; a payload of the wrong shape is a [`HandlerError::Fatal`]
     /// (retrying cannot fix it).
     pub fn payload<T: DeserializeOwned>(&self) -> Result<T, HandlerError> {
-        serde_json::from_str(self.payload.get())
-            .map_err(|e| HandlerError::fatal(format!("payload does not fit kind {}: {e}", self.kind)))
+        serde_json::from_str(self.payload.get()).map_err(|e| {
+            let why = without_quoted_values(&e.to_string());
+            HandlerError::fatal(format!("payload does not fit kind {}: {why}", self.kind))
+        })
     }
+}
+
+/// serde's messages quote the offending value (`invalid type: string "s3cret"`); reasons
+/// end up in logs and headers, so values are elided and only field names remain.
+fn without_quoted_values(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut in_quotes = false;
+    for c in message.chars() {
+        match (c, in_quotes) {
+            ('"', false) => {
+                in_quotes = true;
+                out.push_str("\"…");
+            }
+            ('"', true) => {
+                in_quotes = false;
+                out.push('"');
+            }
+            (_, true) => {}
+            (c, false) => out.push(c),
+        }
+    }
+    out
 }
 
 /// A boxed handler future.
@@ -139,5 +163,31 @@ impl Registry {
         let mut v: Vec<&str> = self.handlers.keys().map(String::as_str).collect();
         v.sort_unstable();
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payload_errors_name_fields_but_not_values() {
+        #[derive(Debug, serde::Deserialize)]
+        #[allow(dead_code)]
+        struct Args {
+            ms: u64,
+        }
+        let job = JobInput {
+            id: JobId::new_v7(),
+            kind: Kind::new("sleep").unwrap(),
+            payload: RawValue::from_string(r#"{"ms": "s3cret"}"#.into()).unwrap(),
+            attempt: 1,
+            max_attempts: 1,
+            timeout: Duration::from_secs(1),
+        };
+        let err = job.payload::<Args>().unwrap_err();
+        assert!(matches!(err, HandlerError::Fatal { .. }));
+        assert!(err.reason().contains("invalid type: string"), "{}", err.reason());
+        assert!(!err.reason().contains("s3cret"), "{}", err.reason());
     }
 }

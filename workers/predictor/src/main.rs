@@ -20,7 +20,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let settings = Settings::load(args.config.as_deref())?;
-    mlsched::telemetry::init(&settings.log);
+    let _traces = mlsched::telemetry::init(&settings.log, "mlsched-predictor");
     let shutdown = Shutdown::new();
     tokio::spawn(shutdown.on_signals());
     mlsched_predictor::run(settings, shutdown).await

@@ -20,7 +20,9 @@ use mlsched::runtime::{backoff, dead_letter, Fetcher};
 use mlsched::store::{Record, StoreError, Writer};
 use mlsched::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_ROUTED, PREDICTION};
 use mlsched::telemetry::server::Health;
+use mlsched::telemetry::trace;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 pub(crate) struct Stage {
     pub(crate) settings: Settings,
@@ -53,6 +55,26 @@ pub(crate) async fn run(stage: Stage, client: async_nats::Client, soft: Cancella
     tracing::info!("stopped fetching");
 }
 
+/// The span of one submission, child of the producer's trace; none when tracing is off.
+fn route_span(msg: &Message, job: &Job) -> tracing::Span {
+    if !trace::enabled() {
+        return tracing::Span::none();
+    }
+    let span = tracing::info_span!(
+        "route",
+        id = %job.id,
+        kind = %job.kind,
+        otel.name = %format!("{} process", msg.subject),
+        otel.kind = "consumer",
+        messaging.system = "nats",
+        messaging.operation.type = "process",
+        messaging.destination.name = %msg.subject,
+        messaging.message.id = %job.id,
+    );
+    trace::continue_from(&span, msg.headers.as_ref());
+    span
+}
+
 async fn settle_all(msgs: &[Message], kind: AckKind) {
     for m in msgs {
         // During a NATS outage an ack may not go out; the submission is redelivered then.
@@ -72,6 +94,8 @@ struct Valid {
     job: Job,
     lane: Lane,
     submitted_at: DateTime<Utc>,
+    /// This submission's span, continuing the producer's trace (tracing on only).
+    span: tracing::Span,
 }
 
 impl Stage {
@@ -99,11 +123,13 @@ impl Stage {
                     let started = Instant::now();
                     let lane = self.settings.lane_for(&job.kind);
                     metrics::histogram!(PREDICTION).record(started.elapsed().as_secs_f64());
+                    let span = route_span(&msg, &job);
                     valid.push(Valid {
                         msg,
                         job,
                         lane,
                         submitted_at: published,
+                        span,
                     })
                 }
                 Err(e) => {
@@ -121,7 +147,7 @@ impl Stage {
             return;
         }
 
-        let records = valid
+        let records: Vec<Record> = valid
             .iter()
             .map(|v| {
                 let max = v.job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
@@ -129,7 +155,12 @@ impl Stage {
             })
             .collect();
         let msgs: Vec<&Message> = valid.iter().map(|v| &v.msg).collect();
-        let commits = self.progress_while(&msgs, self.writer.write_all(records)).await;
+        // Written together (they share batches), each inside its submission's span.
+        let writes = records
+            .into_iter()
+            .zip(&valid)
+            .map(|(r, v)| self.writer.write(r).instrument(v.span.clone()));
+        let commits = self.progress_while(&msgs, futures::future::join_all(writes)).await;
 
         let mut publishes: Vec<(Valid, PublishAckFuture)> = Vec::with_capacity(valid.len());
         for (v, commit) in valid.into_iter().zip(commits) {
@@ -226,6 +257,7 @@ impl Stage {
         }
         headers.insert(job::MSG_ID_HEADER, v.job.id.to_string().as_str());
         headers.insert(job::SUBMITTED_AT_HEADER, v.submitted_at.to_rfc3339().as_str());
+        trace::inject(&v.span, &mut headers);
         self.js
             .publish_with_headers(job::run_subject(lane, &v.job.kind), headers, v.job.to_json().into())
             .await
