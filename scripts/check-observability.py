@@ -35,7 +35,6 @@ for job in prom["scrape_configs"]:
             problems.append(f"{job['job_name']}: kubernetes_sd_configs role {sd.get('role')!r} is not a valid role")
         job.setdefault("static_configs", []).append({"targets": ["pod.example:9464"]})
 shutil.copytree(root / "infra/prometheus/alerts", out / "alerts", dirs_exist_ok=True)
-shutil.copytree(root / "infra/prometheus/targets", out / "targets", dirs_exist_ok=True)
 (out / "prometheus.yml").write_text(yaml.safe_dump(prom))
 
 # 2. alert annotations and runbook anchors.

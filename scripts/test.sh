@@ -24,6 +24,7 @@ promtool check rules infra/prometheus/alerts/slo-alerts.yml
 promtool test rules infra/prometheus/tests/slo-alerts.test.yml
 checked="$(mktemp -d)"
 promtool check config "$(scripts/check-observability.py "$checked")"
+promtool check config infra/prometheus/prometheus-local.yml
 promtool check rules "$checked/dashboard-rules.yml"
 amtool check-config infra/alertmanager/alertmanager.yml
 

@@ -125,6 +125,7 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
 
     let mut workers = Workers(Vec::new());
     let mut metrics_urls = Vec::new();
+    let mut targets = Vec::new();
     let env = [
         ("NATS_URL", settings.nats.url.expose().to_string()),
         ("DATABASE_URL", settings.database.url.expose().to_string()),
@@ -143,6 +144,7 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
         let port = stack::free_port()?;
         cmd.env("MLSCHED__METRICS__LISTEN", format!("127.0.0.1:{port}"));
         metrics_urls.push(format!("{name} http://127.0.0.1:{port}/metrics"));
+        targets.push(serde_json::json!({"targets": [format!("127.0.0.1:{port}")], "labels": {"component": name}}));
         workers
             .0
             .push((name, cmd.spawn().with_context(|| format!("starting {bin}"))?));
@@ -159,6 +161,9 @@ pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result
         data.join("logs").display()
     );
     println!("metrics          {}", metrics_urls.join(", "));
+    let targets_file = data.join("prometheus-targets.json");
+    std::fs::write(&targets_file, serde_json::to_vec_pretty(&targets)?)?;
+    println!("prometheus       file_sd targets in {}", targets_file.display());
 
     if args.jobs > 0 {
         demo(&client, &pool, args.jobs).await?;
