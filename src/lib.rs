@@ -10,6 +10,7 @@
 //! - [`streams`]: the JetStream definitions in streams/ and `streams apply`.
 //! - [`client`]: connecting to NATS and publishing jobs.
 //! - [`store`]: Postgres: migrations, the group-committing writer, read queries.
+//! - [`predict`]: run-time features and models (smartcore).
 //! - [`runtime`]: what workers share: shutdown, backoff, fetching, dead-lettering.
 //! - [`slo`]: the backlog SLIs sampled from JetStream.
 //! - [`stack`]: private `nats-server` and Postgres processes for `mlsched dev` and tests.
@@ -20,6 +21,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod job;
+pub mod predict;
 pub mod runtime;
 pub mod slo;
 pub mod stack;
