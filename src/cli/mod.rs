@@ -4,6 +4,7 @@
 mod dev;
 mod dlq;
 mod inspect;
+mod model;
 mod submit;
 
 use std::path::PathBuf;
@@ -54,6 +55,12 @@ pub enum Command {
         /// What to do with them.
         #[command(subcommand)]
         command: dlq::DlqCommand,
+    },
+    /// The run-time model registry: list, train now, activate (roll back).
+    Model {
+        /// What to do.
+        #[command(subcommand)]
+        command: model::ModelCommand,
     },
 }
 
@@ -113,6 +120,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Status(args) => inspect::status(args, settings).await,
         Command::Queues => inspect::queues(settings).await,
         Command::Dlq { command } => dlq::run(command, settings).await,
+        Command::Model { command } => model::run(command, settings).await,
     }
 }
 

@@ -99,6 +99,8 @@ pub struct Trained {
     pub scores: Vec<Score>,
     /// Training and holdout sizes.
     pub sizes: (usize, usize),
+    /// The held-out jobs, to score other models (the active one) on the same data.
+    pub holdout: Vec<Sample>,
 }
 
 fn log_ms(ms: f64) -> f64 {
@@ -182,6 +184,21 @@ impl Model {
             predicted_ms: from_log(log),
             upper_ms: from_log(log + self.upper_log_margin),
         }
+    }
+
+    /// Mean absolute error on `samples`, ms.
+    pub fn mae_ms(&self, samples: &[Sample]) -> f64 {
+        let n = samples.len().max(1) as f64;
+        samples
+            .iter()
+            .map(|s| (self.predict(&s.features).predicted_ms - s.actual_ms).abs())
+            .sum::<f64>()
+            / n
+    }
+
+    /// The feature layout, for the registry.
+    pub fn space(&self) -> &FeatureSpace {
+        &self.space
     }
 
     /// Which algorithm this model uses.
@@ -273,6 +290,7 @@ pub fn train(samples: &[Sample], seed: u64) -> Result<Trained, TrainError> {
         best,
         scores,
         sizes: (train.len(), holdout.len()),
+        holdout: holdout.into_iter().cloned().collect(),
     })
 }
 

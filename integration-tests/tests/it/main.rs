@@ -5,6 +5,7 @@ mod cli;
 mod faults;
 mod harness;
 mod http;
+mod model;
 mod observability;
 mod pipeline;
 mod tracing_export;
