@@ -11,8 +11,8 @@ pub enum ModelCommand {
     /// List every model with its holdout metrics; `*` marks the active one.
     List,
     /// Train now from finished jobs, print every candidate's holdout metrics and the
-    /// baseline's, store the best, and activate it if it beats the baseline and the
-    /// active model on the same holdout.
+    /// baseline's, store the best, and activate it if it beats the baseline, and the
+    /// active model by at least 1%, on the same holdout.
     Train {
         /// Newest finished jobs to learn from.
         #[arg(long, default_value_t = 50_000)]

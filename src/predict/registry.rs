@@ -1,8 +1,8 @@
 //! The model registry in Postgres (`models`): training from finished jobs, storing each
 //! model with its holdout metrics, promoting only on improvement, and rolling back.
 //!
-//! A new model becomes active only if, on the same holdout, its error is below both
-//! the per-kind median's and the active model's. At most one model is active (a unique
+//! A new model becomes active only if, on the same holdout, its error is below the
+//! per-kind median's and at least 1% below the active model's. At most one model is active (a unique
 //! partial index), and activation is one transaction.
 
 use chrono::{DateTime, Utc};
@@ -61,7 +61,7 @@ pub async fn history(pool: &PgPool, limit: i64) -> Result<Vec<Sample>, sqlx::Err
     let rows = sqlx::query(
         "SELECT kind, features::text AS features, octet_length(payload::text) AS bytes, actual_ms
          FROM jobs WHERE status = 'succeeded' AND actual_ms IS NOT NULL
-         ORDER BY finished_at DESC LIMIT $1",
+         ORDER BY finished_at DESC, id LIMIT $1",
     )
     .bind(limit)
     .fetch_all(pool)
@@ -140,6 +140,9 @@ pub async fn active(pool: &PgPool) -> Result<Option<(i64, Model)>, RegistryError
     Ok(Some((version, model)))
 }
 
+/// How much lower (relative) a new model's holdout MAE must be than the active one's.
+pub const PROMOTION_MARGIN: f64 = 0.01;
+
 /// What [`train_and_promote`] did.
 #[derive(Debug)]
 pub struct Outcome {
@@ -173,7 +176,10 @@ pub async fn train_and_promote(pool: &PgPool, limit: i64, seed: u64) -> Result<O
         }
         Err(e) => return Err(e),
     };
-    let better = trained.best.mae_ms < baseline && previous.is_none_or(|(_, mae)| trained.best.mae_ms < mae);
+    // Noise between two trainings is not an improvement: a new model must be at least
+    // PROMOTION_MARGIN better than the active one.
+    let better = trained.best.mae_ms < baseline
+        && previous.is_none_or(|(_, mae)| trained.best.mae_ms < mae * (1.0 - PROMOTION_MARGIN));
     let bytes = serde_json::to_vec(&trained.model).map_err(|e| RegistryError::Unloadable {
         version: 0,
         reason: e.to_string(),
