@@ -85,7 +85,7 @@ pub(super) async fn run(command: ModelCommand, settings: Settings) -> anyhow::Re
                 println!("stored as version {} and activated", out.version);
             } else {
                 println!(
-                    "stored as version {}; not activated (does not beat the baseline and the active model)",
+                    "stored as version {}; not activated (it must beat the baseline, and the active model by 1%)",
                     out.version
                 );
             }
