@@ -147,10 +147,19 @@ impl Default for ExecutorSettings {
 pub struct PredictorSettings {
     /// Most submissions taken in one batch. Default 256.
     pub batch_size: usize,
-    /// Lane of kinds without a rule. Default `fast`.
+    /// Lane of jobs predicted to run under `fast_threshold_ms`. Default `fast`.
     pub default_lane: String,
-    /// Per-kind lane rules, e.g. `[predictor.lanes]` `train = "slow"`.
-    /// Default: `sleep` and `http` → `slow`.
+    /// Lane of jobs predicted to run `fast_threshold_ms` or longer. Default `slow`.
+    pub slow_lane: String,
+    /// Predicted run time from which a job goes to `slow_lane`, ms. Default 1000.
+    pub fast_threshold_ms: u64,
+    /// Prediction for a kind with no model and no history, ms. Default 100.
+    pub default_ms: u64,
+    /// How often the active model and the per-kind medians are reloaded, seconds.
+    /// Default 30.
+    pub model_refresh_s: u64,
+    /// Per-kind lane rules that override the prediction, e.g. `[predictor.lanes]`
+    /// `train = "slow"`. Default: `sleep` and `http` → `slow`.
     pub lanes: BTreeMap<String, String>,
 }
 
@@ -159,6 +168,10 @@ impl Default for PredictorSettings {
         Self {
             batch_size: 256,
             default_lane: "fast".into(),
+            slow_lane: "slow".into(),
+            fast_threshold_ms: 1000,
+            default_ms: 100,
+            model_refresh_s: 30,
             lanes: [("sleep", "slow"), ("http", "slow")]
                 .into_iter()
                 .map(|(k, l)| (k.to_string(), l.to_string()))
@@ -323,6 +336,7 @@ impl Settings {
         positive("executor.default_timeout_ms", self.executor.default_timeout_ms);
         positive("executor.heartbeat_ms", self.executor.heartbeat_ms);
         positive("predictor.batch_size", self.predictor.batch_size as u64);
+        positive("predictor.model_refresh_s", self.predictor.model_refresh_s);
         positive("retry.base_ms", self.retry.base_ms);
         positive("store.batch_max", self.store.batch_max as u64);
         positive("metrics.sample_interval_ms", self.metrics.sample_interval_ms);
@@ -342,6 +356,9 @@ impl Settings {
         }
         if let Err(e) = Lane::new(self.predictor.default_lane.as_str()) {
             errs.push(format!("predictor.default_lane: {e}"));
+        }
+        if let Err(e) = Lane::new(self.predictor.slow_lane.as_str()) {
+            errs.push(format!("predictor.slow_lane: {e}"));
         }
         for (kind, lane) in &self.predictor.lanes {
             if let Err(e) = Kind::new(kind.as_str()) {
@@ -386,13 +403,15 @@ impl Settings {
             .collect()
     }
 
-    /// The lane the predictor routes `kind` to.
-    pub fn lane_for(&self, kind: &Kind) -> Lane {
-        let name = self
-            .predictor
-            .lanes
-            .get(kind.as_str())
-            .unwrap_or(&self.predictor.default_lane);
+    /// The lane the predictor routes a job of `kind` to, given its predicted run time:
+    /// a per-kind rule if there is one, else by `predictor.fast_threshold_ms`.
+    pub fn lane_for(&self, kind: &Kind, predicted_ms: f64) -> Lane {
+        let p = &self.predictor;
+        let name = match p.lanes.get(kind.as_str()) {
+            Some(rule) => rule,
+            None if predicted_ms >= p.fast_threshold_ms as f64 => &p.slow_lane,
+            None => &p.default_lane,
+        };
         Lane::new(name.as_str()).unwrap_or_else(|_| Lane::new("fast").expect("constant lane is valid"))
     }
 
@@ -434,7 +453,10 @@ mod tests {
         assert_eq!(s.executor.concurrency, 8);
         assert_eq!(s.executor.lanes, vec!["fast", "gpu"]);
         assert_eq!(s.retry.base_ms, 50);
-        assert_eq!(s.lane_for(&Kind::new("train").unwrap()).as_str(), "gpu");
+        assert_eq!(s.lane_for(&Kind::new("train").unwrap(), 0.0).as_str(), "gpu");
+        let etl = Kind::new("etl").unwrap();
+        assert_eq!(s.lane_for(&etl, 999.0).as_str(), "fast");
+        assert_eq!(s.lane_for(&etl, 1000.0).as_str(), "slow");
         assert_eq!(s.nats.url.expose(), "nats://nats:4222");
         assert_eq!(s.database.url.expose(), "postgres://db/x");
         assert!(

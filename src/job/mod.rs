@@ -24,6 +24,10 @@ pub const ERROR_HEADER: &str = "Mlsched-Error";
 pub const ATTEMPTS_HEADER: &str = "Mlsched-Attempts";
 /// Header on dead letters: the subject the job was originally published to.
 pub const SUBJECT_HEADER: &str = "Mlsched-Subject";
+/// Header on `jobs.run.*` messages: the predicted run time, ms.
+pub const PREDICTED_MS_HEADER: &str = "Mlsched-Predicted-Ms";
+/// Header on `jobs.run.*` messages: the predicted upper bound of the run time, ms.
+pub const PREDICTED_UPPER_MS_HEADER: &str = "Mlsched-Predicted-Upper-Ms";
 /// Header on `jobs.run.*` messages: when the job was first submitted (RFC 3339).
 pub const SUBMITTED_AT_HEADER: &str = "Mlsched-Submitted-At";
 

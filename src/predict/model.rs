@@ -162,6 +162,11 @@ impl KindMedians {
         }
     }
 
+    /// Whether there was no history at all.
+    pub fn is_empty(&self) -> bool {
+        self.by_kind.is_empty()
+    }
+
     /// The median of `kind`, or the overall one.
     pub fn get(&self, kind: &str) -> f64 {
         self.by_kind.get(kind).copied().unwrap_or(self.overall)

@@ -156,7 +156,7 @@ impl DeadLetterer {
         if let Ok(job) = &parsed {
             let lane = job::lane_token(&raw.subject)
                 .and_then(|l| Lane::new(l).ok())
-                .unwrap_or_else(|| self.settings.lane_for(&job.kind));
+                .unwrap_or_else(|| self.settings.lane_for(&job.kind, 0.0));
             let max = job.max_attempts.unwrap_or(self.settings.retry.max_attempts);
             let mut rec = Record::new(job, lane, Status::Dead, adv.deliveries as i32, max, raw.time);
             rec.finished_at = Some(Utc::now());

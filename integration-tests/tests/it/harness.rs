@@ -142,6 +142,7 @@ impl TestEnv {
         settings.store.linger_ms = 1;
         settings.metrics.listen = "127.0.0.1:0".into();
         settings.metrics.sample_interval_ms = 200;
+        settings.predictor.model_refresh_s = 1;
 
         let pool = mlsched::store::pool(&settings.database).unwrap();
         mlsched::store::migrate(&pool).await.unwrap();

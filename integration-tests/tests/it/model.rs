@@ -1,9 +1,14 @@
 //! The run-time model registry through the CLI, on history in a real Postgres.
 
-use crate::harness::TestEnv;
+use crate::harness::{eventually, TestEnv, DEADLINE};
 
 /// Finished jobs whose run time depends on their features in a known way.
 async fn seed_history(env: &TestEnv, n: usize) {
+    seed_history_scaled(env, n, 1.0).await
+}
+
+/// The same, with `infer` jobs `infer_scale` times slower.
+async fn seed_history_scaled(env: &TestEnv, n: usize, infer_scale: f64) {
     let mut rng = fastrand::Rng::with_seed(3);
     for chunk in (0..n).collect::<Vec<_>>().chunks(200) {
         let mut ids = Vec::new();
@@ -11,7 +16,7 @@ async fn seed_history(env: &TestEnv, n: usize) {
         let mut features = Vec::new();
         let mut actual = Vec::new();
         for _ in chunk {
-            let (kind, base) = [("train", 4000.0), ("etl", 800.0), ("infer", 60.0)][rng.usize(..3)];
+            let (kind, base) = [("train", 4000.0), ("etl", 800.0), ("infer", 60.0 * infer_scale)][rng.usize(..3)];
             let (size, factor) = [("small", 1.0), ("medium", 4.0), ("large", 16.0)][rng.usize(..3)];
             let memory = [256.0, 1024.0, 4096.0][rng.usize(..3)];
             ids.push(uuid::Uuid::now_v7());
@@ -87,4 +92,83 @@ async fn models_are_trained_from_history_promoted_only_on_improvement_and_rolled
     let (ok, _) = env.cli(&["model", "activate", "99"]);
     assert!(!ok, "an unknown version is an error");
     assert!(env.cli(&["model", "activate", "1"]).0);
+}
+
+async fn predicted(env: &TestEnv, id: mlsched::job::JobId) -> (i64, String) {
+    let row: (Option<i64>, String) = sqlx::query_as("SELECT predicted_ms, lane FROM jobs WHERE id = $1")
+        .bind(id.0)
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    (row.0.expect("every routed job has a prediction"), row.1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictions_choose_lanes_from_cold_start_to_a_hot_swapped_model() {
+    let mut env = TestEnv::start().await;
+    // Cold start without history: the configured default (100 ms) → fast lane.
+    env.start_predictor();
+    let big = serde_json::json!({"features": {"size": "large", "memory_mb": 4096}});
+    let small = serde_json::json!({"features": {"size": "small", "memory_mb": 256}});
+    let id = env.submit_with("train", serde_json::json!({}), big.clone()).await;
+    env.wait_for_status(id, "queued").await;
+    assert_eq!(predicted(&env, id).await, (100, "fast".into()));
+
+    // History but no model: per-kind medians (refreshed within a second).
+    seed_history(&env, 1000).await;
+    let median: f64 = sqlx::query_scalar(
+        "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY actual_ms) FROM jobs WHERE kind = 'train' AND status = 'succeeded'",
+    )
+    .fetch_one(&env.pool)
+    .await
+    .unwrap();
+    let id = eventually("a median-based prediction", DEADLINE, || async {
+        let id = env.submit_with("train", serde_json::json!({}), big.clone()).await;
+        env.wait_for_status(id, "queued").await;
+        (predicted(&env, id).await.0 != 100).then_some(id)
+    })
+    .await;
+    assert_eq!(predicted(&env, id).await, (median.round() as i64, "slow".into()));
+
+    // A trained model: predictions follow the features, and lanes follow predictions.
+    assert!(env.cli(&["model", "train"]).0);
+    let truth_big = 4000.0 * 16.0 * 5.0;
+    let id = eventually("model-based predictions", DEADLINE, || async {
+        let id = env.submit_with("train", serde_json::json!({}), big.clone()).await;
+        env.wait_for_status(id, "queued").await;
+        let (ms, _) = predicted(&env, id).await;
+        ((ms as f64 - truth_big).abs() / truth_big < 0.3).then_some(id)
+    })
+    .await;
+    assert_eq!(predicted(&env, id).await.1, "slow");
+    let id = env.submit_with("infer", serde_json::json!({}), small.clone()).await;
+    env.wait_for_status(id, "queued").await;
+    let (ms, lane) = predicted(&env, id).await;
+    assert!(
+        (40..=120).contains(&ms) && lane == "fast",
+        "infer small: {ms} ms on {lane}"
+    );
+
+    // Two predictor replicas; the world changes (infer got 100x slower), a new model is
+    // promoted, and both pick it up without a restart.
+    env.start_predictor();
+    seed_history_scaled(&env, 3000, 100.0).await;
+    let (ok, out) = env.cli(&["model", "train", "--limit", "3000"]);
+    assert!(ok && out.contains("stored as version 2 and activated"), "{out}");
+    eventually("both replicas to use the new model", DEADLINE, || async {
+        let mut ids = Vec::new();
+        for _ in 0..20 {
+            ids.push(env.submit_with("infer", serde_json::json!({}), small.clone()).await);
+        }
+        for id in &ids {
+            env.wait_for_status(*id, "queued").await;
+        }
+        let mut all_new = true;
+        for id in ids {
+            let (ms, lane) = predicted(&env, id).await;
+            all_new &= ms > 3000 && lane == "slow";
+        }
+        all_new.then_some(())
+    })
+    .await;
 }

@@ -13,7 +13,9 @@ use mlsched::config::Settings;
 use mlsched::job::{self, envelope::IdSource, Job, JobId, Lane, Status};
 use mlsched::runtime::{backoff, dead_letter, with_heartbeat};
 use mlsched::store::{Record, StoreError};
-use mlsched::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_TOTAL, JOB_RUN, JOB_WAIT, REDELIVERIES};
+use mlsched::telemetry::metrics::{
+    dead_kind_label, DEAD_LETTERS, JOBS_TOTAL, JOB_RUN, JOB_WAIT, PREDICTION_ABS_ERROR, REDELIVERIES,
+};
 use mlsched::telemetry::trace;
 use tracing::Instrument;
 
@@ -276,6 +278,10 @@ async fn run_job(
         if c.applied {
             let outcome = if delay.is_some() { "failed" } else { "succeeded" };
             metrics::counter!(JOBS_TOTAL, "kind" => job.kind.to_string(), "outcome" => outcome).increment(1);
+            if let (None, Some(predicted)) = (delay, job.predicted_ms) {
+                let error = (ran_ms as f64 - predicted as f64).abs() / 1000.0;
+                metrics::histogram!(PREDICTION_ABS_ERROR, "kind" => job.kind.to_string()).record(error);
+            }
         }
     }
     match (recorded, delay) {

@@ -1,7 +1,8 @@
 //! `mlsched-predictor`: the routing stage between `JOBS_SUBMIT` and `JOBS_RUN`.
 //!
-//! It validates each submission, assigns a lane (per-kind rules from
-//! `[predictor.lanes]`, else `predictor.default_lane`), records the job `queued` in
+//! It validates each submission, predicts its run time (`predict`: the active model of
+//! the registry, else per-kind medians), assigns a lane (a per-kind rule from
+//! `[predictor.lanes]`, else by `predictor.fast_threshold_ms`), records the job `queued` in
 //! Postgres, publishes it to `jobs.run.<lane>.<kind>` with the job id as
 //! `Nats-Msg-Id`, and acks the submission only once both are durable. Invalid bodies
 //! go to `jobs.dead.<kind>` with their reason. See `route` for the details.
@@ -9,6 +10,7 @@
 //! Every predictor replica also samples the backlog SLIs ([`mlsched::slo`]) and serves
 //! `/metrics`, `/healthz` and `/readyz` on `metrics.listen`.
 
+mod predict;
 mod route;
 
 use anyhow::Context as _;
@@ -17,6 +19,7 @@ use mlsched::runtime::{DeadLetterer, Shutdown};
 use mlsched::slo;
 use mlsched::store::{self, Writer};
 use mlsched::telemetry::server::{self, Health};
+use predict::Predictor;
 use tokio_util::task::TaskTracker;
 
 /// Runs the routing stage until `shutdown`.
@@ -47,14 +50,19 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
         shutdown.hard.clone(),
         &writer_tasks,
     );
+    let predictor = Predictor::new(&settings);
+    predictor.refresh(&pool).await;
     let stage = route::Stage {
         settings: settings.clone(),
         writer: writer.clone(),
         js: async_nats::jetstream::new(client.clone()),
         health,
+        predictor: predictor.clone(),
     };
     let tasks = TaskTracker::new();
     tasks.spawn(route::run(stage, client.clone(), shutdown.soft.clone()));
+    let refresh = std::time::Duration::from_secs(settings.predictor.model_refresh_s);
+    tasks.spawn(predictor.run(pool.clone(), refresh, shutdown.soft.clone()));
     tasks.spawn(DeadLetterer::new(client.clone(), writer.clone(), settings.clone()).run(shutdown.soft.clone()));
     let every = std::time::Duration::from_millis(settings.metrics.sample_interval_ms);
     let mut lanes = settings.executor_lanes();

@@ -20,6 +20,8 @@ use mlsched::runtime::{backoff, dead_letter, Fetcher};
 use mlsched::store::{Record, StoreError, Writer};
 use mlsched::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_ROUTED, PREDICTION};
 use mlsched::telemetry::server::Health;
+
+use crate::predict::Predictor;
 use mlsched::telemetry::trace;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -29,6 +31,7 @@ pub(crate) struct Stage {
     pub(crate) writer: Writer,
     pub(crate) js: jetstream::Context,
     pub(crate) health: Health,
+    pub(crate) predictor: Predictor,
 }
 
 /// Consumes `predictor` until `soft` fires.
@@ -96,6 +99,8 @@ struct Valid {
     submitted_at: DateTime<Utc>,
     /// This submission's span, continuing the producer's trace (tracing on only).
     span: tracing::Span,
+    /// Upper bound of the predicted run time, ms.
+    upper_ms: f64,
 }
 
 impl Stage {
@@ -119,10 +124,12 @@ impl Stage {
                 None => IdSource::Derived(JobId::for_message(seq, published.timestamp_millis().max(0) as u64)),
             };
             match Job::parse(job::kind_token(&msg.subject), &msg.payload, id_source) {
-                Ok(job) => {
+                Ok(mut job) => {
                     let started = Instant::now();
-                    let lane = self.settings.lane_for(&job.kind);
+                    let (prediction, _version) = self.predictor.predict(&job);
+                    let lane = self.settings.lane_for(&job.kind, prediction.predicted_ms);
                     metrics::histogram!(PREDICTION).record(started.elapsed().as_secs_f64());
+                    job.predicted_ms = Some(prediction.predicted_ms.round() as u64);
                     let span = route_span(&msg, &job);
                     valid.push(Valid {
                         msg,
@@ -130,6 +137,7 @@ impl Stage {
                         lane,
                         submitted_at: published,
                         span,
+                        upper_ms: prediction.upper_ms,
                     })
                 }
                 Err(e) => {
@@ -257,6 +265,10 @@ impl Stage {
         }
         headers.insert(job::MSG_ID_HEADER, v.job.id.to_string().as_str());
         headers.insert(job::SUBMITTED_AT_HEADER, v.submitted_at.to_rfc3339().as_str());
+        if let Some(ms) = v.job.predicted_ms {
+            headers.insert(job::PREDICTED_MS_HEADER, ms.to_string().as_str());
+        }
+        headers.insert(job::PREDICTED_UPPER_MS_HEADER, format!("{:.0}", v.upper_ms).as_str());
         trace::inject(&v.span, &mut headers);
         self.js
             .publish_with_headers(job::run_subject(lane, &v.job.kind), headers, v.job.to_json().into())
