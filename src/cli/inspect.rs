@@ -89,5 +89,69 @@ pub(super) async fn queues(settings: Settings) -> anyhow::Result<()> {
         }
     }
     println!("\nbacklog = PENDING + ACK-PEND (the lag KEDA scales on)");
+    // Predicted work per lane needs Postgres; without it the stream view stands alone.
+    let pool = store::pool(&settings.database)?;
+    match tokio::time::timeout(std::time::Duration::from_secs(3), drain_estimates(&pool)).await {
+        Ok(Ok(rows)) if !rows.is_empty() => {
+            println!(
+                "\n{:<10} {:>8} {:>16} {:>18} {:>14}",
+                "LANE", "QUEUED", "PREDICTED WORK", "WORK DONE (5 min)", "EST. DRAIN"
+            );
+            for r in rows {
+                let drain = if r.done_rate > 0.0 {
+                    format!("{:.0} s", r.predicted_s / r.done_rate)
+                } else if r.predicted_s > 0.0 {
+                    "no progress".into()
+                } else {
+                    "-".into()
+                };
+                println!(
+                    "{:<10} {:>8} {:>14.1} s {:>16.1} s {:>14}",
+                    r.lane,
+                    r.queued,
+                    r.predicted_s,
+                    r.done_rate * 300.0,
+                    drain
+                );
+            }
+            println!("est. drain = predicted work waiting / run time finished per second over the last 5 minutes");
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => println!("\n(drain estimates unavailable: {e})"),
+        Err(_) => println!("\n(drain estimates unavailable: Postgres did not answer)"),
+    }
     Ok(())
+}
+
+struct Drain {
+    lane: String,
+    queued: i64,
+    predicted_s: f64,
+    /// Seconds of run time finished per second, over the last 5 minutes.
+    done_rate: f64,
+}
+
+async fn drain_estimates(pool: &sqlx::PgPool) -> Result<Vec<Drain>, sqlx::Error> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT lane,
+                count(*) FILTER (WHERE status = 'queued') AS queued,
+                COALESCE(sum(predicted_ms) FILTER (WHERE status = 'queued'), 0)::float8 / 1000 AS predicted_s,
+                COALESCE(sum(actual_ms) FILTER (WHERE status = 'succeeded'
+                    AND finished_at > now() - interval '5 minutes'), 0)::float8 / 1000 / 300 AS done_rate
+         FROM jobs WHERE status = 'queued' OR finished_at > now() - interval '5 minutes'
+         GROUP BY lane ORDER BY lane",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Drain {
+                lane: r.try_get("lane")?,
+                queued: r.try_get("queued")?,
+                predicted_s: r.try_get("predicted_s")?,
+                done_rate: r.try_get("done_rate")?,
+            })
+        })
+        .collect()
 }

@@ -67,6 +67,10 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
     ] {
         assert!(out.contains(name), "{name} missing from\n{out}");
     }
+    assert!(
+        out.contains("EST. DRAIN") && out.contains("PREDICTED WORK"),
+        "drain estimates per lane:\n{out}"
+    );
 
     // A job that dies on its first try (404), then works when retried from the DLQ.
     let server = http_server(vec![("/later", vec![404, 200])]).await;
