@@ -158,6 +158,11 @@ pub struct PredictorSettings {
     /// How often the active model and the per-kind medians are reloaded, seconds.
     /// Default 30.
     pub model_refresh_s: u64,
+    /// How often a predictor checks whether to retrain, seconds; 0 turns automatic
+    /// retraining off. Default 600.
+    pub retrain_interval_s: u64,
+    /// Finished jobs since the last model that trigger a retraining. Default 500.
+    pub retrain_min_jobs: u64,
     /// Per-kind lane rules that override the prediction, e.g. `[predictor.lanes]`
     /// `train = "slow"`. Default: `sleep` and `http` → `slow`.
     pub lanes: BTreeMap<String, String>,
@@ -172,6 +177,8 @@ impl Default for PredictorSettings {
             fast_threshold_ms: 1000,
             default_ms: 100,
             model_refresh_s: 30,
+            retrain_interval_s: 600,
+            retrain_min_jobs: 500,
             lanes: [("sleep", "slow"), ("http", "slow")]
                 .into_iter()
                 .map(|(k, l)| (k.to_string(), l.to_string()))

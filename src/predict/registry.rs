@@ -157,10 +157,21 @@ pub struct Outcome {
 }
 
 /// Trains on the newest `limit` finished jobs, stores the best candidate and activates
-/// it if it beats both the per-kind median and the active model on the same holdout.
+/// it if it beats the per-kind median, and the active model by [`PROMOTION_MARGIN`], on
+/// the same holdout. The training itself runs on the blocking pool.
 pub async fn train_and_promote(pool: &PgPool, limit: i64, seed: u64) -> Result<Outcome, RegistryError> {
     let samples = history(pool, limit).await?;
-    let trained = model::train(&samples, seed)?;
+    let trained = tokio::task::spawn_blocking(move || model::train(&samples, seed))
+        .await
+        .map_err(|e| RegistryError::Unloadable {
+            version: 0,
+            reason: format!("training task failed: {e}"),
+        })??;
+    store_and_promote(pool, trained).await
+}
+
+/// Stores a trained model and activates it if it is better (see [`train_and_promote`]).
+pub async fn store_and_promote(pool: &PgPool, trained: Trained) -> Result<Outcome, RegistryError> {
     let baseline = trained
         .scores
         .iter()
@@ -207,4 +218,42 @@ pub async fn train_and_promote(pool: &PgPool, limit: i64, seed: u64) -> Result<O
         previous,
         promoted: better,
     })
+}
+
+/// Finished jobs since the newest model was trained (all of them when there is none).
+pub async fn new_jobs_since_last_model(pool: &PgPool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE status = 'succeeded' AND actual_ms IS NOT NULL
+           AND finished_at > COALESCE((SELECT max(trained_at) FROM models), '-infinity')",
+    )
+    .fetch_one(pool)
+    .await
+}
+
+/// Retrains if at least `min_new_jobs` jobs finished since the last model, with a
+/// Postgres advisory lock so only one predictor replica trains at a time. Returns the
+/// outcome when it trained.
+pub async fn retrain_if_due(pool: &PgPool, min_new_jobs: i64, limit: i64) -> Result<Option<Outcome>, RegistryError> {
+    const LOCK: i64 = 0x6d6c_7363_6864; // "mlschd"
+    let mut conn = pool.acquire().await?;
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(LOCK)
+        .fetch_one(&mut *conn)
+        .await?;
+    if !locked {
+        return Ok(None);
+    }
+    let result = async {
+        if new_jobs_since_last_model(pool).await? < min_new_jobs {
+            return Ok(None);
+        }
+        let seed = chrono::Utc::now().timestamp_millis() as u64;
+        train_and_promote(pool, limit, seed).await.map(Some)
+    }
+    .await;
+    let _ = sqlx::query("SELECT pg_advisory_unlock($1)")
+        .bind(LOCK)
+        .execute(&mut *conn)
+        .await;
+    result
 }

@@ -143,6 +143,7 @@ impl TestEnv {
         settings.metrics.listen = "127.0.0.1:0".into();
         settings.metrics.sample_interval_ms = 200;
         settings.predictor.model_refresh_s = 1;
+        settings.predictor.retrain_interval_s = 0;
 
         let pool = mlsched::store::pool(&settings.database).unwrap();
         mlsched::store::migrate(&pool).await.unwrap();
@@ -179,8 +180,13 @@ impl TestEnv {
 
     /// Starts an in-process predictor; it is stopped when the env drops.
     pub fn start_predictor(&mut self) {
+        self.start_predictor_with(self.settings.clone());
+    }
+
+    /// Starts an in-process predictor with the given settings.
+    pub fn start_predictor_with(&mut self, settings: Settings) {
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(mlsched_predictor::run(self.settings.clone(), shutdown.clone()));
+        let task = tokio::spawn(mlsched_predictor::run(settings, shutdown.clone()));
         self.workers.push(InProc { shutdown, task });
     }
 
@@ -219,6 +225,14 @@ impl TestEnv {
             (
                 "MLSCHED__METRICS__SAMPLE_INTERVAL_MS".into(),
                 s.metrics.sample_interval_ms.to_string(),
+            ),
+            (
+                "MLSCHED__PREDICTOR__MODEL_REFRESH_S".into(),
+                s.predictor.model_refresh_s.to_string(),
+            ),
+            (
+                "MLSCHED__PREDICTOR__RETRAIN_INTERVAL_S".into(),
+                s.predictor.retrain_interval_s.to_string(),
             ),
         ]
     }

@@ -172,3 +172,41 @@ async fn predictions_choose_lanes_from_cold_start_to_a_hot_swapped_model() {
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn predictors_retrain_by_themselves_once_enough_jobs_finished() {
+    let mut env = TestEnv::start().await;
+    let mut settings = env.settings.clone();
+    settings.predictor.retrain_interval_s = 1;
+    settings.predictor.retrain_min_jobs = 500;
+    // Two replicas: the advisory lock lets one of them train at a time.
+    env.start_predictor_with(settings.clone());
+    env.start_predictor_with(settings);
+    seed_history(&env, 400).await;
+    let models = |env: &TestEnv| {
+        let pool = env.pool.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>("SELECT count(*) FROM models")
+                .fetch_one(&pool)
+                .await
+                .unwrap()
+        }
+    };
+    // 400 finished jobs are under retrain_min_jobs; 600 are not. A model trained at 400
+    // would show up below as version 1 with 400 samples.
+    seed_history(&env, 200).await;
+    let active: i64 = eventually("an automatically trained, active model", DEADLINE, || async {
+        sqlx::query_scalar("SELECT version FROM models WHERE active")
+            .fetch_optional(&env.pool)
+            .await
+            .ok()?
+    })
+    .await;
+    assert_eq!(active, 1);
+    let samples: i32 = sqlx::query_scalar("SELECT samples FROM models WHERE version = 1")
+        .fetch_one(&env.pool)
+        .await
+        .unwrap();
+    assert_eq!(samples, 600);
+    assert_eq!(models(&env).await, 1, "one replica trained, not both");
+}

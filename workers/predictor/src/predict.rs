@@ -5,6 +5,9 @@
 //!
 //! A stored model that cannot be loaded is skipped with a logged reason and the model
 //! already in use stays; a Postgres outage pauses the reloads, not the predictions.
+//! Every `predictor.retrain_interval_s`, if `predictor.retrain_min_jobs` jobs finished
+//! since the last model, one replica (a Postgres advisory lock) trains a new one; it is
+//! promoted only if it is better (see `mlsched::predict::registry`).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -19,6 +22,8 @@ use tokio_util::sync::CancellationToken;
 
 /// History used for the cold-start medians.
 const MEDIAN_HISTORY: i64 = 10_000;
+/// History used for retraining.
+const RETRAIN_HISTORY: i64 = 50_000;
 
 #[derive(Default)]
 struct State {
@@ -31,13 +36,18 @@ struct State {
 pub(crate) struct Predictor {
     state: Arc<RwLock<State>>,
     default_ms: f64,
+    retrain_every: Option<Duration>,
+    retrain_min_jobs: i64,
 }
 
 impl Predictor {
     pub(crate) fn new(settings: &Settings) -> Predictor {
+        let p = &settings.predictor;
         Predictor {
             state: Arc::default(),
-            default_ms: settings.predictor.default_ms as f64,
+            default_ms: p.default_ms as f64,
+            retrain_every: (p.retrain_interval_s > 0).then(|| Duration::from_secs(p.retrain_interval_s)),
+            retrain_min_jobs: p.retrain_min_jobs as i64,
         }
     }
 
@@ -99,15 +109,37 @@ impl Predictor {
         }
     }
 
-    /// Refreshes every `every` until `cancel` fires.
+    /// Refreshes every `every`, and retrains when due, until `cancel` fires.
     pub(crate) async fn run(self, pool: PgPool, every: Duration, cancel: CancellationToken) {
         let mut tick = tokio::time::interval(every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut retrain = tokio::time::interval(self.retrain_every.unwrap_or(Duration::from_secs(3600)));
+        retrain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        retrain.tick().await; // the first tick is immediate; wait a full period first
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => return,
                 _ = tick.tick() => self.refresh(&pool).await,
+                _ = retrain.tick(), if self.retrain_every.is_some() => self.retrain(&pool).await,
             }
+        }
+    }
+
+    async fn retrain(&self, pool: &PgPool) {
+        match registry::retrain_if_due(pool, self.retrain_min_jobs, RETRAIN_HISTORY).await {
+            Ok(Some(out)) => {
+                tracing::info!(
+                    version = out.version,
+                    algorithm = out.trained.best.algorithm,
+                    mae_ms = out.trained.best.mae_ms,
+                    promoted = out.promoted,
+                    "retrained the run-time model"
+                );
+                self.refresh(pool).await;
+            }
+            Ok(None) => {}
+            // Too little history or Postgres trouble: routing goes on with what it has.
+            Err(e) => tracing::info!(error = %e, "no retraining this time"),
         }
     }
 }
