@@ -5,6 +5,7 @@ mod dev;
 mod dlq;
 mod inspect;
 mod model;
+mod predict;
 mod submit;
 
 use std::path::PathBuf;
@@ -56,6 +57,8 @@ pub enum Command {
         #[command(subcommand)]
         command: dlq::DlqCommand,
     },
+    /// Ask the predictors how long a job would run (the mlsched.predict service).
+    Predict(predict::PredictArgs),
     /// The run-time model registry: list, train now, activate (roll back).
     Model {
         /// What to do.
@@ -121,6 +124,7 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
         Command::Queues => inspect::queues(settings).await,
         Command::Dlq { command } => dlq::run(command, settings).await,
         Command::Model { command } => model::run(command, settings).await,
+        Command::Predict(args) => predict::run(args, settings).await,
     }
 }
 

@@ -210,3 +210,56 @@ async fn predictors_retrain_by_themselves_once_enough_jobs_finished() {
     assert_eq!(samples, 600);
     assert_eq!(models(&env).await, 1, "one replica trained, not both");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_predict_service_answers_over_request_reply_and_shows_in_discovery() {
+    let mut env = TestEnv::start().await;
+    env.start_predictor();
+    let features = r#"{"size":"small","memory_mb":256}"#;
+    let (ok, out) = eventually("the service to answer", DEADLINE, || async {
+        let r = env.cli(&["predict", "--kind", "infer", "--features", features]);
+        r.0.then_some(r)
+    })
+    .await;
+    assert!(ok);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["predicted_ms"], 100.0, "cold start: the configured default");
+    assert_eq!(v["model_version"], serde_json::Value::Null);
+
+    seed_history(&env, 1000).await;
+    assert!(env.cli(&["model", "train"]).0);
+    let v: serde_json::Value = eventually("the model to answer", DEADLINE, || async {
+        let (_, out) = env.cli(&["predict", "--kind", "infer", "--features", features]);
+        let v: serde_json::Value = serde_json::from_str(&out).ok()?;
+        (v["model_version"] == 1).then_some(v)
+    })
+    .await;
+    let ms = v["predicted_ms"].as_f64().unwrap();
+    assert!((40.0..=120.0).contains(&ms), "infer small is about 75 ms: {v}");
+    assert!(v["upper_ms"].as_f64().unwrap() >= ms);
+
+    // Garbage is refused with a reason, and never crashes the service.
+    let (ok, _) = env.cli(&["predict", "--kind", "Not A Kind"]);
+    assert!(!ok);
+    let reply = env.client.request("mlsched.predict", "not json".into()).await.unwrap();
+    let err = reply
+        .headers
+        .as_ref()
+        .and_then(|h| h.get("Nats-Service-Error"))
+        .unwrap()
+        .to_string();
+    assert!(err.contains("not JSON"), "{err}");
+    let (ok, _) = env.cli(&["predict", "--kind", "infer", "--features", features]);
+    assert!(ok, "still answering");
+
+    // Service discovery: the NATS services API reports it with its stats.
+    let stats = env
+        .client
+        .request("$SRV.STATS.mlsched-predict", "".into())
+        .await
+        .unwrap();
+    let stats: serde_json::Value = serde_json::from_slice(&stats.payload).unwrap();
+    assert_eq!(stats["name"], "mlsched-predict");
+    assert!(stats["endpoints"][0]["num_requests"].as_u64().unwrap() >= 4, "{stats}");
+    assert!(stats["endpoints"][0]["num_errors"].as_u64().unwrap() >= 1, "{stats}");
+}

@@ -7,11 +7,13 @@
 //! `Nats-Msg-Id`, and acks the submission only once both are durable. Invalid bodies
 //! go to `jobs.dead.<kind>` with their reason. See `route` for the details.
 //!
-//! Every predictor replica also samples the backlog SLIs ([`mlsched::slo`]) and serves
+//! Every predictor replica also answers `mlsched.predict` requests (`serve`), samples
+//! the backlog SLIs ([`mlsched::slo`]) and serves
 //! `/metrics`, `/healthz` and `/readyz` on `metrics.listen`.
 
 mod predict;
 mod route;
+mod serve;
 
 use anyhow::Context as _;
 use mlsched::config::Settings;
@@ -62,6 +64,7 @@ pub async fn run(settings: Settings, shutdown: Shutdown) -> anyhow::Result<()> {
     let tasks = TaskTracker::new();
     tasks.spawn(route::run(stage, client.clone(), shutdown.soft.clone()));
     let refresh = std::time::Duration::from_secs(settings.predictor.model_refresh_s);
+    tasks.spawn(serve::run(client.clone(), predictor.clone(), shutdown.soft.clone()));
     tasks.spawn(predictor.run(pool.clone(), refresh, shutdown.soft.clone()));
     tasks.spawn(DeadLetterer::new(client.clone(), writer.clone(), settings.clone()).run(shutdown.soft.clone()));
     let every = std::time::Duration::from_millis(settings.metrics.sample_interval_ms);
