@@ -127,6 +127,11 @@ pub struct ExecutorSettings {
     /// Interval of in-progress acks for a running job, ms; keep it well below the
     /// consumer's `ack_wait` (30 s in streams/). Default 10000.
     pub heartbeat_ms: u64,
+    /// A job without `timeout_ms` but with a predicted upper bound gets this many times
+    /// that bound as its timeout. Default 10.
+    pub predicted_timeout_factor: u64,
+    /// The shortest timeout derived from a prediction, ms. Default 60000.
+    pub min_predicted_timeout_ms: u64,
 }
 
 impl Default for ExecutorSettings {
@@ -137,6 +142,8 @@ impl Default for ExecutorSettings {
             fetch_batch: 128,
             default_timeout_ms: 300_000,
             heartbeat_ms: 10_000,
+            predicted_timeout_factor: 10,
+            min_predicted_timeout_ms: 60_000,
         }
     }
 }
@@ -342,6 +349,14 @@ impl Settings {
         positive("executor.fetch_batch", self.executor.fetch_batch as u64);
         positive("executor.default_timeout_ms", self.executor.default_timeout_ms);
         positive("executor.heartbeat_ms", self.executor.heartbeat_ms);
+        positive(
+            "executor.predicted_timeout_factor",
+            self.executor.predicted_timeout_factor,
+        );
+        positive(
+            "executor.min_predicted_timeout_ms",
+            self.executor.min_predicted_timeout_ms,
+        );
         positive("predictor.batch_size", self.predictor.batch_size as u64);
         positive("predictor.model_refresh_s", self.predictor.model_refresh_s);
         positive("retry.base_ms", self.retry.base_ms);
@@ -422,6 +437,22 @@ impl Settings {
         Lane::new(name.as_str()).unwrap_or_else(|_| Lane::new("fast").expect("constant lane is valid"))
     }
 
+    /// The timeout of one attempt: the envelope's `timeout_ms`; else, when the job has a
+    /// predicted upper bound, `predicted_timeout_factor` times it (at least
+    /// `min_predicted_timeout_ms`); else `executor.default_timeout_ms`.
+    pub fn attempt_timeout(&self, timeout_ms: Option<u64>, predicted_upper_ms: Option<u64>) -> Duration {
+        let e = &self.executor;
+        let ms = match (timeout_ms, predicted_upper_ms) {
+            (Some(t), _) => t,
+            (None, Some(upper)) => upper
+                .saturating_mul(e.predicted_timeout_factor)
+                .max(e.min_predicted_timeout_ms)
+                .min(crate::job::envelope::MAX_TIMEOUT_MS),
+            (None, None) => e.default_timeout_ms,
+        };
+        Duration::from_millis(ms)
+    }
+
     /// The drain grace period.
     pub fn grace(&self) -> Duration {
         Duration::from_secs(self.shutdown.grace_s)
@@ -470,6 +501,27 @@ mod tests {
             !format!("{s:?}").contains("postgres://db/x"),
             "secrets stay out of Debug"
         );
+    }
+
+    #[test]
+    fn timeouts_come_from_the_envelope_then_the_prediction_then_the_default() {
+        let s = Settings::default();
+        assert_eq!(s.attempt_timeout(Some(5), Some(1_000_000)), Duration::from_millis(5));
+        assert_eq!(
+            s.attempt_timeout(None, Some(100)),
+            Duration::from_secs(60),
+            "at least the minimum"
+        );
+        assert_eq!(
+            s.attempt_timeout(None, Some(600_000)),
+            Duration::from_secs(6000),
+            "long jobs get room"
+        );
+        assert_eq!(
+            s.attempt_timeout(None, None),
+            Duration::from_millis(s.executor.default_timeout_ms)
+        );
+        assert!(s.attempt_timeout(None, Some(u64::MAX)) <= Duration::from_millis(crate::job::envelope::MAX_TIMEOUT_MS));
     }
 
     #[test]

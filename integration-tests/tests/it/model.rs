@@ -263,3 +263,47 @@ async fn the_predict_service_answers_over_request_reply_and_shows_in_discovery()
     assert!(stats["endpoints"][0]["num_requests"].as_u64().unwrap() >= 4, "{stats}");
     assert!(stats["endpoints"][0]["num_errors"].as_u64().unwrap() >= 1, "{stats}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_without_a_timeout_gets_one_from_its_prediction() {
+    let mut env = TestEnv::start().await;
+    // History: sleep jobs take about 10 ms, so the median-based upper bound is 20 ms.
+    sqlx::query(
+        "INSERT INTO jobs (id, kind, lane, status, attempts, max_attempts, payload, actual_ms, submitted_at, finished_at)
+         SELECT gen_random_uuid(), 'sleep', 'slow', 'succeeded', 1, 5, '{}'::jsonb, 10, now(), now()
+         FROM generate_series(1, 50)",
+    )
+    .execute(&env.pool)
+    .await
+    .unwrap();
+    env.start_predictor();
+    let mut settings = env.settings.clone();
+    settings.executor.predicted_timeout_factor = 10;
+    settings.executor.min_predicted_timeout_ms = 300;
+    let _executor = env.executor_with(settings);
+
+    // Predicted 10 ms, runs 3 s: killed at max(10 × 20 ms, 300 ms) and dead after one try.
+    let hung = env
+        .submit_with(
+            "sleep",
+            serde_json::json!({"ms": 3000}),
+            serde_json::json!({"max_attempts": 1}),
+        )
+        .await;
+    let row = env.wait_for_status(hung, "dead").await;
+    assert!(
+        row.error.as_deref().unwrap().contains("timed out after 300 ms"),
+        "{row:?}"
+    );
+    assert_eq!(predicted(&env, hung).await.0, 10);
+
+    // The envelope's own timeout wins over the prediction.
+    let patient = env
+        .submit_with(
+            "sleep",
+            serde_json::json!({"ms": 600}),
+            serde_json::json!({"timeout_ms": 5000}),
+        )
+        .await;
+    assert_eq!(env.wait_for_status(patient, "succeeded").await.attempts, 1);
+}

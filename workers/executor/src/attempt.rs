@@ -126,21 +126,34 @@ pub(crate) async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
     if let Some(id) = trace::trace_id(&span) {
         span.record("trace_id", id.as_str());
     }
-    let submitted_header = header(job::SUBMITTED_AT_HEADER);
-    run_job(ctx, msg, job, lane, delivered, published, submitted_header)
-        .instrument(span)
-        .await
+    let delivery = Delivery {
+        delivered,
+        published,
+        submitted_header: header(job::SUBMITTED_AT_HEADER),
+        predicted_upper_ms: header(job::PREDICTED_UPPER_MS_HEADER).and_then(|v| v.parse::<u64>().ok()),
+    };
+    run_job(ctx, msg, job, lane, delivery).instrument(span).await
 }
 
-async fn run_job(
-    ctx: &Ctx,
-    msg: &Message,
-    job: Job,
-    lane: &Lane,
+/// What the message says about this delivery besides the envelope.
+struct Delivery {
+    /// JetStream's delivery count: this attempt's number.
     delivered: u32,
+    /// When the message was stored.
     published: DateTime<Utc>,
+    /// `Mlsched-Submitted-At`.
     submitted_header: Option<String>,
-) -> Settle {
+    /// `Mlsched-Predicted-Upper-Ms`.
+    predicted_upper_ms: Option<u64>,
+}
+
+async fn run_job(ctx: &Ctx, msg: &Message, job: Job, lane: &Lane, delivery: Delivery) -> Settle {
+    let Delivery {
+        delivered,
+        published,
+        submitted_header,
+        predicted_upper_ms,
+    } = delivery;
     let subject = msg.subject.as_str();
     let s = &ctx.settings;
     let max_attempts = job.max_attempts.unwrap_or(s.retry.max_attempts);
@@ -205,7 +218,7 @@ async fn run_job(
         Err(_) => return Settle::Requeue,
     }
 
-    let timeout = Duration::from_millis(job.timeout_ms.unwrap_or(s.executor.default_timeout_ms));
+    let timeout = s.attempt_timeout(job.timeout_ms, predicted_upper_ms);
     let started = Instant::now();
     let outcome = match ctx.registry.get(&job.kind) {
         None => Err(HandlerError::retry(format!(
