@@ -49,18 +49,7 @@ pub async fn dead_letter(
     } else {
         job::INVALID_KIND_TOKEN
     };
-    let mut out = HeaderMap::new();
-    if let Some(h) = headers {
-        for (name, values) in h.iter() {
-            let n: &str = name.as_ref();
-            if n.eq_ignore_ascii_case(job::MSG_ID_HEADER) || n.starts_with("Mlsched-") {
-                continue;
-            }
-            for v in values {
-                out.append(n, v.as_str());
-            }
-        }
-    }
+    let mut out = super::carried_headers(headers);
     out.insert(job::MSG_ID_HEADER, format!("{dedup}:dead").as_str());
     out.insert(job::ERROR_HEADER, header_safe(error).as_str());
     out.insert(job::ATTEMPTS_HEADER, attempts.to_string().as_str());

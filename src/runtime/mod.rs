@@ -101,10 +101,11 @@ pub fn backoff(attempt: u32, base: Duration, max: Duration) -> Duration {
     half + full.saturating_sub(half).mul_f64(fastrand::f64())
 }
 
-/// Runs `work` while sending an in-progress ack for `msg` every `every` (and calling
-/// `on_beat`), so AckWait never expires under a live worker.
+/// Runs `work` while sending an in-progress ack for each of `msgs` every `every` (and
+/// calling `on_beat`), so AckWait never expires under a live worker. Each ack gets at
+/// most `every`, so a NATS outage cannot stall the beat.
 pub async fn with_heartbeat<F: Future>(
-    msg: &Message,
+    msgs: &[&Message],
     every: Duration,
     work: F,
     mut on_beat: impl FnMut(),
@@ -115,13 +116,32 @@ pub async fn with_heartbeat<F: Future>(
         tokio::select! {
             out = &mut work => return out,
             _ = tick.tick() => {
-                if let Err(e) = msg.ack_with(AckKind::Progress).await {
-                    tracing::debug!(error = %e, "in-progress ack not sent");
+                for msg in msgs {
+                    if !matches!(tokio::time::timeout(every, msg.ack_with(AckKind::Progress)).await, Ok(Ok(()))) {
+                        tracing::debug!("in-progress ack not sent");
+                    }
                 }
                 on_beat();
             }
         }
     }
+}
+
+/// The headers of `incoming` to pass on to a message derived from it (trace context,
+/// producer headers), without `Nats-Msg-Id` and mlsched's own `Mlsched-*` headers,
+/// which the new message sets for itself.
+pub fn carried_headers(incoming: Option<&async_nats::HeaderMap>) -> async_nats::HeaderMap {
+    let mut out = async_nats::HeaderMap::new();
+    for (name, values) in incoming.into_iter().flat_map(|h| h.iter()) {
+        let n: &str = name.as_ref();
+        if n.eq_ignore_ascii_case(crate::job::MSG_ID_HEADER) || n.starts_with("Mlsched-") {
+            continue;
+        }
+        for v in values {
+            out.append(n, v.as_str());
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -128,18 +128,23 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
     one_success_each(&env, 8).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_nats_restart_mid_run_loses_nothing() {
-    let mut env = TestEnv::start().await;
+/// Starts a predictor and an executor, submits 300 short jobs and returns once 30 ran.
+async fn run_300_jobs_until_some_finished(env: &mut TestEnv) {
     env.start_predictor();
     env.start_executor();
     for _ in 0..300 {
         env.submit("sleep", json!({"ms": 5})).await;
     }
     eventually("some progress", DEADLINE, || async {
-        (count(&env, "succeeded").await >= 30).then_some(())
+        (count(env, "succeeded").await >= 30).then_some(())
     })
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nats_restart_mid_run_loses_nothing() {
+    let mut env = TestEnv::start().await;
+    run_300_jobs_until_some_finished(&mut env).await;
     env.nats.stop();
     env.nats.resume().unwrap();
     // The test's own client reconnects too; publishing works again.
@@ -167,15 +172,7 @@ async fn a_nats_restart_mid_run_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_postgres_restart_holds_acks_and_then_resumes() {
     let mut env = TestEnv::start_with_own_postgres().await;
-    env.start_predictor();
-    env.start_executor();
-    for _ in 0..300 {
-        env.submit("sleep", json!({"ms": 5})).await;
-    }
-    eventually("some progress", DEADLINE, || async {
-        (count(&env, "succeeded").await >= 30).then_some(())
-    })
-    .await;
+    run_300_jobs_until_some_finished(&mut env).await;
     env.own_postgres().stop();
     for _ in 0..100 {
         env.submit("noop", json!({})).await;

@@ -185,7 +185,7 @@ async fn run_job(ctx: &Ctx, msg: &Message, job: Job, lane: &Lane, delivery: Deli
     let mut start = base.clone();
     start.started_at = Some(Utc::now());
     let claim = tokio::select! {
-        r = with_heartbeat(msg, every, ctx.writer.write(start), || {}) => r,
+        r = with_heartbeat(std::slice::from_ref(&msg), every, ctx.writer.write(start), || {}) => r,
         _ = ctx.hard.cancelled() => return Settle::Requeue,
     };
     match claim {
@@ -239,7 +239,7 @@ async fn run_job(ctx: &Ctx, msg: &Message, job: Job, lane: &Lane, delivery: Deli
             let beat = || ctx.writer.touch(job.id, delivered as i32);
             let abort = task.abort_handle();
             tokio::select! {
-                r = with_heartbeat(msg, every, tokio::time::timeout(timeout, task), beat) => match r {
+                r = with_heartbeat(std::slice::from_ref(&msg), every, tokio::time::timeout(timeout, task), beat) => match r {
                     Ok(Ok(res)) => res,
                     Ok(Err(e)) if e.is_panic() => Err(HandlerError::retry("handler panicked")),
                     Ok(Err(_)) => Err(HandlerError::retry("handler task was cancelled")),
@@ -284,7 +284,7 @@ async fn run_job(ctx: &Ctx, msg: &Message, job: Job, lane: &Lane, delivery: Deli
         }
     }
     let recorded = tokio::select! {
-        r = with_heartbeat(msg, every, ctx.writer.write(rec), || {}) => r,
+        r = with_heartbeat(std::slice::from_ref(&msg), every, ctx.writer.write(rec), || {}) => r,
         _ = ctx.hard.cancelled() => return Settle::Requeue,
     };
     if let Ok(c) = &recorded {

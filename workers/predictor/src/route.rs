@@ -11,12 +11,11 @@ use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishAckFuture, message::AckKind, Message};
-use async_nats::HeaderMap;
 use chrono::{DateTime, Utc};
 use futures::FutureExt;
 use mlsched::config::Settings;
 use mlsched::job::{self, envelope::IdSource, Job, JobId, Lane, Status};
-use mlsched::runtime::{backoff, dead_letter, Fetcher};
+use mlsched::runtime::{backoff, carried_headers, dead_letter, with_heartbeat, Fetcher};
 use mlsched::store::{Record, StoreError, Writer};
 use mlsched::telemetry::metrics::{dead_kind_label, DEAD_LETTERS, JOBS_ROUTED, PREDICTION};
 use mlsched::telemetry::server::Health;
@@ -168,7 +167,8 @@ impl Stage {
             .into_iter()
             .zip(&valid)
             .map(|(r, v)| self.writer.write(r).instrument(v.span.clone()));
-        let commits = self.progress_while(&msgs, futures::future::join_all(writes)).await;
+        let every = Duration::from_millis(self.settings.executor.heartbeat_ms);
+        let commits = with_heartbeat(&msgs, every, futures::future::join_all(writes), || {}).await;
 
         let mut publishes: Vec<(Valid, PublishAckFuture)> = Vec::with_capacity(valid.len());
         for (v, commit) in valid.into_iter().zip(commits) {
@@ -231,38 +231,9 @@ impl Stage {
         )
     }
 
-    /// Runs `work` while sending in-progress acks for `msgs`, so a slow Postgres does
-    /// not let their AckWait expire.
-    async fn progress_while<F: std::future::Future>(&self, msgs: &[&Message], work: F) -> F::Output {
-        let every = Duration::from_millis(self.settings.executor.heartbeat_ms);
-        tokio::pin!(work);
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        loop {
-            tokio::select! {
-                out = &mut work => return out,
-                _ = tick.tick() => {
-                    for m in msgs {
-                        let _ = tokio::time::timeout(every, m.ack_with(AckKind::Progress)).await;
-                    }
-                }
-            }
-        }
-    }
-
     async fn publish(&self, v: &Valid) -> Result<PublishAckFuture, jetstream::context::PublishError> {
         let lane = &v.lane;
-        let mut headers = HeaderMap::new();
-        if let Some(h) = &v.msg.headers {
-            for (name, values) in h.iter() {
-                let n: &str = name.as_ref();
-                if n.eq_ignore_ascii_case(job::MSG_ID_HEADER) || n.starts_with("Mlsched-") {
-                    continue;
-                }
-                for value in values {
-                    headers.append(n, value.as_str());
-                }
-            }
-        }
+        let mut headers = carried_headers(v.msg.headers.as_ref());
         headers.insert(job::MSG_ID_HEADER, v.job.id.to_string().as_str());
         headers.insert(job::SUBMITTED_AT_HEADER, v.submitted_at.to_rfc3339().as_str());
         if let Some(ms) = v.job.predicted_ms {
