@@ -171,7 +171,7 @@ pub struct PredictorSettings {
     /// Finished jobs since the last model that trigger a retraining. Default 500.
     pub retrain_min_jobs: u64,
     /// Per-kind lane rules that override the prediction, e.g. `[predictor.lanes]`
-    /// `train = "slow"`. Default: `sleep` and `http` → `slow`.
+    /// `train = "gpu"`. Default: none; every job goes where its prediction sends it.
     pub lanes: BTreeMap<String, String>,
 }
 
@@ -186,10 +186,7 @@ impl Default for PredictorSettings {
             model_refresh_s: 30,
             retrain_interval_s: 600,
             retrain_min_jobs: 500,
-            lanes: [("sleep", "slow"), ("http", "slow")]
-                .into_iter()
-                .map(|(k, l)| (k.to_string(), l.to_string()))
-                .collect(),
+            lanes: BTreeMap::new(),
         }
     }
 }

@@ -71,6 +71,37 @@ impl Features {
     }
 }
 
+/// The size of a JSON payload as Postgres prints it back from `jsonb`, which is what
+/// training measures (`octet_length(payload::text)`): no whitespace except one space
+/// after every `:` and `,` outside strings. Measuring the raw bytes instead would make
+/// `{"ms":300}` and the stored `{"ms": 300}` differ, and a model that leans on payload
+/// size would be skewed between training and serving. One pass over the bytes, no parse.
+pub fn stored_size(raw: &str) -> usize {
+    let (mut size, mut in_string, mut escaped) = (0, false, false);
+    for &b in raw.as_bytes() {
+        if in_string {
+            size += 1;
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b' ' | b'\n' | b'\r' | b'\t' => {}
+            b':' | b',' => size += 2,
+            b'"' => {
+                in_string = true;
+                size += 1;
+            }
+            _ => size += 1,
+        }
+    }
+    size
+}
+
 /// The vector layout learned from history.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct FeatureSpace {
@@ -164,6 +195,20 @@ impl FeatureSpace {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn payload_size_is_measured_as_postgres_prints_it() {
+        // Right-hand sides are what `SELECT '<raw>'::jsonb::text` prints.
+        for (raw, stored) in [
+            (r#"{"ms":300}"#, r#"{"ms": 300}"#),
+            (r#"{ "ms" : 300 ,"a":[1,2, 3] }"#, r#"{"a": [1, 2, 3], "ms": 300}"#),
+            (r#"{"s":"a:b, \"c\": d"}"#, r#"{"s": "a:b, \"c\": d"}"#),
+            ("{}", "{}"),
+            ("null", "null"),
+        ] {
+            assert_eq!(stored_size(raw), stored.len(), "{raw}");
+        }
+    }
 
     #[test]
     fn extraction_keeps_numbers_and_categories_and_drops_the_rest() {

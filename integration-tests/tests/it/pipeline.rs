@@ -192,7 +192,10 @@ async fn failing_jobs_retry_with_the_right_attempt_counts_then_succeed_or_die() 
 
     let row = env.wait_for_status(flaky, "succeeded").await;
     assert_eq!(row.attempts, 3);
-    assert_eq!(row.lane, "slow", "sleep jobs are routed to the slow lane by default");
+    assert_eq!(
+        row.lane, "fast",
+        "routed on the prediction: without history, predictor.default_ms is under the threshold"
+    );
     assert_eq!(row.error, None, "a success clears the last error");
     let history: Vec<(String, i32)> = env.events(flaky).await;
     let want: Vec<(String, i32)> = [
@@ -233,7 +236,7 @@ async fn failing_jobs_retry_with_the_right_attempt_counts_then_succeed_or_die() 
         .unwrap();
     assert_eq!(d.attempts, "2");
     assert_eq!(d.subject, "jobs.dead.sleep");
-    assert_eq!(d.original_subject, "jobs.run.slow.sleep");
+    assert_eq!(d.original_subject, "jobs.run.fast.sleep");
     let d = dead.iter().find(|d| d.error.contains("failed 3 of 3")).unwrap();
     assert_eq!(d.attempts, "3");
     assert_eq!(

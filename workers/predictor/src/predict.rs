@@ -56,7 +56,7 @@ impl Predictor {
         let features = Features::extract(
             job.kind.as_str(),
             job.features.as_ref().map(|f| f.get()),
-            job.payload.get().len(),
+            mlsched::predict::features::stored_size(job.payload.get()),
         );
         let Ok(state) = self.state.read() else {
             return (self.fallback(None, &features), None);
