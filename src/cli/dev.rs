@@ -3,24 +3,21 @@
 //! Without `NATS_URL` / `DATABASE_URL` it starts a private `nats-server` (JetStream,
 //! monitoring on) and a throwaway Postgres cluster in a data folder, migrates, applies
 //! the streams, starts the predictor and the executors (the sibling binaries next to
-//! this one), submits a demo workload and prints a summary. `--keep-running` leaves
-//! everything up until Ctrl-C.
+//! this one) and plays the demo: a mixed workload predicted cold, a model trained on
+//! it, and a flood of long jobs mixed with short ones that the model routes apart.
+//! `--keep-running` leaves everything up until Ctrl-C.
 
-use std::future::IntoFuture;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context as _};
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use serde_json::json;
 use sqlx::{PgPool, Row};
 
+use super::lab::{publish_all, wait_finished, Lab, Outgoing};
 use crate::client::Producer;
-use crate::config::{Secret, Settings};
+use crate::config::Settings;
 use crate::job::{self, JobId, Kind};
-use crate::stack::{self, NatsServer, PgCluster};
+use crate::predict::registry;
 
 /// `mlsched dev` options.
 #[derive(Debug, clap::Args)]
@@ -29,9 +26,12 @@ pub struct DevArgs {
     /// (default: <temp dir>/mlsched-dev).
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
-    /// Jobs in the demo workload (0: none).
+    /// Jobs in the demo's first, mixed workload (0: no demo).
     #[arg(long, default_value_t = 2000)]
     pub jobs: u64,
+    /// Long jobs (1 s) in the demo's flood, mixed with as many short ones (10 ms).
+    #[arg(long, default_value_t = 512)]
+    pub flood: u64,
     /// Executor processes to start.
     #[arg(long, default_value_t = 2)]
     pub executors: u32,
@@ -40,163 +40,98 @@ pub struct DevArgs {
     pub keep_running: bool,
 }
 
-struct Workers(Vec<(String, Child)>);
-
-impl Workers {
-    fn stop(&mut self) {
-        for (_, c) in &self.0 {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
-        }
-        for (name, c) in &mut self.0 {
-            match c.wait() {
-                Ok(s) if s.success() => {}
-                Ok(s) => eprintln!("{name} exited with {s}"),
-                Err(e) => eprintln!("{name}: {e}"),
-            }
-        }
-        self.0.clear();
-    }
-}
-
-impl Drop for Workers {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
-
-fn sibling(name: &str) -> anyhow::Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating this executable")?;
-    let path = exe.with_file_name(name);
-    if !path.is_file() {
-        bail!(
-            "{} not found next to {}: build the workers too (cargo build --release --workspace)",
-            name,
-            exe.display()
-        );
-    }
-    Ok(path)
-}
-
-pub(super) async fn run(args: DevArgs, mut settings: Settings) -> anyhow::Result<()> {
+pub(super) async fn run(args: DevArgs, settings: Settings) -> anyhow::Result<()> {
     let data = args
         .data_dir
         .clone()
         .unwrap_or_else(|| std::env::temp_dir().join("mlsched-dev"));
-    if data.exists() {
-        std::fs::remove_dir_all(&data).with_context(|| format!("wiping {}", data.display()))?;
-    }
-    std::fs::create_dir_all(data.join("logs"))?;
+    let lab = Lab::start(&data, settings, false, true).await?;
 
-    let _nats = if std::env::var_os("NATS_URL").is_none() {
-        let server = NatsServer::start(&stack::nats_server_binary()?, &data.join("nats"))?;
-        println!(
-            "nats-server      {}  (monitoring {})",
-            server.url(),
-            server.monitor_url()
-        );
-        settings.nats.url = Secret::new(server.url());
-        Some(server)
-    } else {
-        None
-    };
-    let _pg = if std::env::var_os("DATABASE_URL").is_none() {
-        let cluster = PgCluster::start(&data.join("pg"), false)?;
-        let admin = PgPool::connect(&cluster.url("postgres")).await?;
-        sqlx::query("CREATE DATABASE mlsched").execute(&admin).await?;
-        admin.close().await;
-        settings.database.url = Secret::new(cluster.url("mlsched"));
-        println!("postgres         {}", cluster.url("mlsched"));
-        Some(cluster)
-    } else {
-        None
-    };
-
-    let pool = crate::store::pool(&settings.database)?;
-    crate::store::migrate(&pool).await.context("migrating")?;
-    let client = super::nats(&settings).await?;
-    let args_apply = super::ApplyArgs {
-        dir: None,
-        overrides: None,
-        replicas: None,
-    };
-    for change in super::apply_streams(&client, &settings, &args_apply).await? {
-        println!("streams          {change}");
-    }
-
-    let mut workers = Workers(Vec::new());
-    let mut metrics_urls = Vec::new();
-    let mut targets = Vec::new();
-    let env = [
-        ("NATS_URL", settings.nats.url.expose().to_string()),
-        ("DATABASE_URL", settings.database.url.expose().to_string()),
-    ];
-    let mut spawn = |bin: &str, name: String| -> anyhow::Result<()> {
-        let log = std::fs::File::create(data.join("logs").join(format!("{name}.log")))?;
-        let mut cmd = Command::new(sibling(bin)?);
-        cmd.envs(env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log);
-        if std::env::var_os("MLSCHED__RETRY__BASE_MS").is_none() {
-            cmd.env("MLSCHED__RETRY__BASE_MS", "200");
-        }
-        // Each process gets its own operations port on this machine.
-        let port = stack::free_port()?;
-        cmd.env("MLSCHED__METRICS__LISTEN", format!("127.0.0.1:{port}"));
-        metrics_urls.push(format!("{name} http://127.0.0.1:{port}/metrics"));
-        targets.push(serde_json::json!({"targets": [format!("127.0.0.1:{port}")], "labels": {"component": name}}));
-        workers
-            .0
-            .push((name, cmd.spawn().with_context(|| format!("starting {bin}"))?));
-        Ok(())
-    };
-    spawn("mlsched-predictor", "predictor".into())?;
+    // Quicker retries and model reloads than in production, unless set.
+    let env: Vec<(&str, String)> = [
+        ("MLSCHED__RETRY__BASE_MS", "200"),
+        ("MLSCHED__PREDICTOR__MODEL_REFRESH_S", "2"),
+    ]
+    .into_iter()
+    .filter(|(k, _)| std::env::var_os(k).is_none())
+    .map(|(k, v)| (k, v.to_string()))
+    .collect();
+    let mut workers = vec![lab.spawn("mlsched-predictor", "predictor", &env)?];
     for i in 1..=args.executors {
-        spawn("mlsched-executor", format!("executor-{i}"))?;
+        workers.push(lab.spawn("mlsched-executor", &format!("executor-{i}"), &env)?);
     }
-    let pids: Vec<String> = workers.0.iter().map(|(n, c)| format!("{n} (pid {})", c.id())).collect();
+    let pids: Vec<String> = workers
+        .iter()
+        .map(|w| format!("{} (pid {})", w.name, w.pid()))
+        .collect();
     println!(
         "workers          {}; logs in {}",
         pids.join(", "),
         data.join("logs").display()
     );
-    println!("metrics          {}", metrics_urls.join(", "));
+    let metrics: Vec<String> = workers
+        .iter()
+        .map(|w| format!("{} http://127.0.0.1:{}/metrics", w.name, w.port))
+        .collect();
+    println!("metrics          {}", metrics.join(", "));
+    let targets: Vec<serde_json::Value> = workers
+        .iter()
+        .map(|w| json!({"targets": [format!("127.0.0.1:{}", w.port)], "labels": {"component": w.name}}))
+        .collect();
     let targets_file = data.join("prometheus-targets.json");
     std::fs::write(&targets_file, serde_json::to_vec_pretty(&targets)?)?;
     println!("prometheus       file_sd targets in {}", targets_file.display());
 
     if args.jobs > 0 {
-        demo(&client, &pool, args.jobs).await?;
+        demo(&lab, args.jobs, args.flood).await?;
     }
     if args.keep_running {
         println!("\nThe stack is running. Publish a job from anywhere:");
         println!(
             "  NATS_URL={} mlsched submit --kind sleep --payload '{{\"ms\": 100}}' --wait",
-            settings.nats.url.expose()
+            lab.settings.nats.url.expose()
         );
         println!("  or with any NATS client: publish {{\"kind\":\"noop\",\"payload\":{{}}}} to jobs.submit.noop (README: publishing jobs)");
-        println!("  DATABASE_URL={} mlsched status <id>", settings.database.url.expose());
+        println!(
+            "  DATABASE_URL={} mlsched status <id>",
+            lab.settings.database.url.expose()
+        );
         println!("Ctrl-C stops everything.");
         crate::runtime::shutdown_signal().await;
     }
-    workers.stop();
-    client.flush().await?;
+    for mut w in workers {
+        w.stop()?;
+    }
+    lab.client.flush().await?;
     Ok(())
 }
 
-/// The demo workload: mostly quick jobs, some compute, some sleeps, some that fail and
-/// retry, a few that exhaust their attempts, and a few malformed bodies.
-fn workload(n: u64) -> Vec<(Kind, serde_json::Value, Option<u32>)> {
+/// The demo's first workload: mostly quick jobs, some compute, sleeps standing in for
+/// inference and training (their `features` say which), some that fail and retry, a few
+/// that exhaust their attempts, and a few malformed bodies.
+fn workload(n: u64) -> Vec<(Kind, serde_json::Value, Option<serde_json::Value>, Option<u32>)> {
     let k = |s: &str| Kind::new(s).expect("built-in kind");
     (0..n)
         .map(|i| match i % 100 {
-            0..=69 => (k("noop"), json!({}), None),
-            70..=84 => (k("cpu"), json!({"iterations": 200_000}), None),
-            85..=94 => (k("sleep"), json!({"ms": 20}), None),
-            95..=98 => (k("sleep"), json!({"ms": 5, "fail_first": 1}), None),
-            _ => (k("sleep"), json!({"ms": 1, "fail_first": 99}), Some(2)),
+            0..=67 => (k("noop"), json!({}), None, None),
+            68..=82 => (k("cpu"), json!({"iterations": 200_000}), None, None),
+            83..=92 => (k("sleep"), json!({"ms": SHORT_MS}), Some(infer()), None),
+            93..=94 => (k("sleep"), json!({"ms": LONG_MS}), Some(train()), None),
+            95..=98 => (k("sleep"), json!({"ms": 5, "fail_first": 1}), None, None),
+            _ => (k("sleep"), json!({"ms": 1, "fail_first": 99}), None, Some(2)),
         })
         .collect()
+}
+
+const SHORT_MS: u64 = 10;
+const LONG_MS: u64 = 1000;
+
+fn infer() -> serde_json::Value {
+    json!({"task_type": "infer", "size": "small"})
+}
+
+fn train() -> serde_json::Value {
+    json!({"task_type": "train", "size": "large"})
 }
 
 const MALFORMED: &[(&str, &[u8])] = &[
@@ -207,37 +142,37 @@ const MALFORMED: &[(&str, &[u8])] = &[
     ("cpu", b"\xff\xfe\x00"),
 ];
 
-async fn demo(client: &async_nats::Client, pool: &PgPool, n: u64) -> anyhow::Result<()> {
-    let producer = Producer::new(client.clone());
-    let jobs = workload(n);
-    let bar = super::submit::progress(n, "submitting");
-    let started = Instant::now();
+/// Builds the envelopes of `jobs` with fresh ids.
+fn envelopes(
+    jobs: Vec<(Kind, serde_json::Value, Option<serde_json::Value>, Option<u32>)>,
+) -> anyhow::Result<(Vec<Outgoing>, Vec<uuid::Uuid>)> {
+    let mut out = Vec::with_capacity(jobs.len());
     let mut ids = Vec::with_capacity(jobs.len());
-    let mut acks = FuturesUnordered::new();
-    for (kind, payload, max_attempts) in &jobs {
+    for (kind, payload, features, max_attempts) in jobs {
         let id = JobId::new_v7();
         let mut env = json!({"id": id, "kind": kind, "payload": payload});
+        if let Some(f) = features {
+            env["features"] = f;
+        }
         if let Some(m) = max_attempts {
-            env["max_attempts"] = (*m).into();
+            env["max_attempts"] = m.into();
         }
-        acks.push(
-            producer
-                .send(job::submit_subject(kind), id, serde_json::to_vec(&env)?.into())
-                .await?
-                .into_future(),
-        );
+        out.push((job::submit_subject(&kind), id, serde_json::to_vec(&env)?.into()));
         ids.push(id.0);
-        if acks.len() >= 1024 {
-            if let Some(a) = acks.next().await {
-                a?;
-                bar.inc(1);
-            }
-        }
     }
-    while let Some(a) = acks.next().await {
-        a?;
-        bar.inc(1);
-    }
+    Ok((out, ids))
+}
+
+/// Three acts: a mixed workload predicted cold; a model trained on its history; a
+/// flood of long jobs mixed with short ones, which the model routes apart.
+async fn demo(lab: &Lab, n: u64, flood: u64) -> anyhow::Result<()> {
+    let (client, pool) = (&lab.client, &lab.pool);
+    let producer = Producer::new(client.clone());
+    println!("\n1. A mixed workload of {n} jobs. No model yet: predictions are per-kind medians of the history.");
+    let (jobs, ids) = envelopes(workload(n))?;
+    let bar = super::submit::progress(n, "submitting");
+    let started = Instant::now();
+    publish_all(&producer, jobs, &bar).await?;
     let js = async_nats::jetstream::new(client.clone());
     for (kind, body) in MALFORMED {
         js.publish(format!("jobs.submit.{kind}"), body.to_vec().into())
@@ -250,27 +185,90 @@ async fn demo(client: &async_nats::Client, pool: &PgPool, n: u64) -> anyhow::Res
         MALFORMED.len(),
         started.elapsed().as_secs_f64()
     );
-
     let bar = super::submit::progress(n, "running");
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('succeeded', 'dead', 'cancelled')",
-        )
-        .bind(&ids)
-        .fetch_one(pool)
-        .await?;
-        bar.set_position(done as u64);
-        if done as u64 >= n {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {done} of {n} jobs finished within 10 minutes");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_finished(pool, &ids, Duration::from_secs(600), &bar).await?;
     bar.finish_and_clear();
-    summary(client, pool, &ids).await
+    summary(client, pool, &ids).await?;
+    let cold = prediction_error(pool, &ids).await?;
+
+    println!("\n2. Training a run-time model on the finished jobs (what `mlsched model train` does).");
+    let outcome = registry::train_and_promote(pool, 50_000, 42).await?;
+    super::model::print_outcome(&outcome);
+    if !outcome.promoted {
+        println!("(the flood below runs on the per-kind medians)");
+    } else {
+        super::bench::wait_for_model(client, outcome.version, Duration::from_secs(60)).await?;
+        println!("the predictor serves version {} now", outcome.version);
+    }
+
+    if flood == 0 {
+        return Ok(());
+    }
+    println!(
+        "\n3. A flood: {flood} long `train` jobs ({LONG_MS} ms) mixed with {flood} short `infer` jobs ({SHORT_MS} ms), all at once."
+    );
+    let k = Kind::new("sleep").expect("built-in kind");
+    let mixed = (0..flood).flat_map(|_| {
+        [
+            (k.clone(), json!({"ms": LONG_MS}), Some(train()), None),
+            (k.clone(), json!({"ms": SHORT_MS}), Some(infer()), None),
+        ]
+    });
+    let (jobs, ids) = envelopes(mixed.collect())?;
+    let bar = super::submit::progress(ids.len() as u64, "submitting");
+    publish_all(&producer, jobs, &bar).await?;
+    bar.finish_and_clear();
+    let bar = super::submit::progress(ids.len() as u64, "running");
+    wait_finished(pool, &ids, Duration::from_secs(600), &bar).await?;
+    bar.finish_and_clear();
+    let rows = sqlx::query(
+        "SELECT features->>'task_type' AS class, string_agg(DISTINCT lane, '+') AS lanes,
+                percentile_cont(ARRAY[0.5, 0.95]) WITHIN GROUP
+                    (ORDER BY EXTRACT(EPOCH FROM started_at - submitted_at) * 1000) AS wait_ms,
+                EXTRACT(EPOCH FROM max(finished_at) - (SELECT min(submitted_at) FROM jobs WHERE id = ANY($1)))::float8 AS done_s,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY predicted_ms) AS predicted,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY actual_ms) AS actual
+         FROM jobs WHERE id = ANY($1) GROUP BY 1 ORDER BY 1",
+    )
+    .bind(&ids)
+    .fetch_all(pool)
+    .await?;
+    println!(
+        "{:<8} {:<6} {:>14} {:>14} {:>12} {:>10} {:>18}",
+        "", "LANE", "PREDICTED p50", "ACTUAL p50", "WAIT p50", "WAIT p95", "ALL DONE AFTER"
+    );
+    for r in rows {
+        let class: Option<String> = r.try_get("class")?;
+        let wait: Vec<f64> = r.try_get::<Option<Vec<f64>>, _>("wait_ms")?.unwrap_or_default();
+        println!(
+            "{:<8} {:<6} {:>11.0} ms {:>11.0} ms {:>9.0} ms {:>7.0} ms {:>16.2} s",
+            class.unwrap_or_default(),
+            r.try_get::<Option<String>, _>("lanes")?.unwrap_or_default(),
+            r.try_get::<Option<f64>, _>("predicted")?.unwrap_or(0.0),
+            r.try_get::<Option<f64>, _>("actual")?.unwrap_or(0.0),
+            wait.first().copied().unwrap_or(0.0),
+            wait.get(1).copied().unwrap_or(0.0),
+            r.try_get::<Option<f64>, _>("done_s")?.unwrap_or(0.0),
+        );
+    }
+    let warm = prediction_error(pool, &ids).await?;
+    println!(
+        "prediction error of sleep jobs (mean |actual - predicted|): {cold:.0} ms in act 1 (cold start), {warm:.0} ms in act 3 (model)"
+    );
+    println!("short jobs overtake the flood: they run on the fast lane while the long ones queue on the slow lane");
+    Ok(())
+}
+
+/// Mean |actual − predicted| of the succeeded `sleep` jobs among `ids`, ms.
+async fn prediction_error(pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<f64> {
+    let err: Option<f64> = sqlx::query_scalar(
+        "SELECT avg(abs(actual_ms - predicted_ms))::float8 FROM jobs
+         WHERE id = ANY($1) AND kind = 'sleep' AND status = 'succeeded' AND features IS NOT NULL",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await?;
+    Ok(err.unwrap_or(0.0))
 }
 
 async fn summary(client: &async_nats::Client, pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<()> {

@@ -1,5 +1,5 @@
 //! `mlsched status` (one job's record and history) and `mlsched queues` (backlog per
-//! stream and consumer).
+//! stream and consumer, drain estimates per lane, prediction accuracy per kind).
 
 use anyhow::Context as _;
 use async_nats::jetstream;
@@ -49,8 +49,10 @@ pub(super) async fn status(args: StatusArgs, settings: Settings) -> anyhow::Resu
     if let Some(ms) = row.predicted_ms {
         println!("predicted     {ms} ms");
     }
-    if let Some(ms) = row.actual_ms {
-        println!("ran for       {ms} ms");
+    match (row.actual_ms, row.predicted_ms) {
+        (Some(ms), Some(p)) => println!("ran for       {ms} ms (prediction off by {} ms)", (ms - p).abs()),
+        (Some(ms), None) => println!("ran for       {ms} ms"),
+        _ => {}
     }
     if let Some(e) = &row.error {
         println!("error         {e}");
@@ -120,7 +122,62 @@ pub(super) async fn queues(settings: Settings) -> anyhow::Result<()> {
         Ok(Err(e)) => println!("\n(drain estimates unavailable: {e})"),
         Err(_) => println!("\n(drain estimates unavailable: Postgres did not answer)"),
     }
+    if let Ok(Ok(rows)) = tokio::time::timeout(std::time::Duration::from_secs(3), accuracy(&pool)).await {
+        if !rows.is_empty() {
+            println!(
+                "\n{:<16} {:>9} {:>14} {:>14} {:>16} {:>16}",
+                "KIND", "FINISHED", "PREDICTED p50", "ACTUAL p50", "|ERROR| 5 min", "|ERROR| 1 min"
+            );
+            for r in rows {
+                let last = r.err_1m.map(|e| format!("{e:.0} ms")).unwrap_or_else(|| "-".into());
+                println!(
+                    "{:<16} {:>9} {:>11.0} ms {:>11.0} ms {:>13.0} ms {:>16}",
+                    r.kind, r.finished, r.predicted_p50, r.actual_p50, r.err_5m, last
+                );
+            }
+            println!("predicted vs actual run time of jobs that succeeded in the last 5 minutes (|ERROR| = mean |actual - predicted|)");
+        }
+    }
     Ok(())
+}
+
+struct Accuracy {
+    kind: String,
+    finished: i64,
+    predicted_p50: f64,
+    actual_p50: f64,
+    err_5m: f64,
+    err_1m: Option<f64>,
+}
+
+/// How close the predictions of recently finished jobs were, per kind.
+async fn accuracy(pool: &sqlx::PgPool) -> Result<Vec<Accuracy>, sqlx::Error> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT kind, count(*) AS finished,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY predicted_ms) AS predicted_p50,
+                percentile_cont(0.5) WITHIN GROUP (ORDER BY actual_ms) AS actual_p50,
+                avg(abs(actual_ms - predicted_ms))::float8 AS err_5m,
+                (avg(abs(actual_ms - predicted_ms)) FILTER (WHERE finished_at > now() - interval '1 minute'))::float8 AS err_1m
+         FROM jobs
+         WHERE status = 'succeeded' AND finished_at > now() - interval '5 minutes'
+           AND predicted_ms IS NOT NULL AND actual_ms IS NOT NULL
+         GROUP BY kind ORDER BY kind",
+    )
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(Accuracy {
+                kind: r.try_get("kind")?,
+                finished: r.try_get("finished")?,
+                predicted_p50: r.try_get("predicted_p50")?,
+                actual_p50: r.try_get("actual_p50")?,
+                err_5m: r.try_get("err_5m")?,
+                err_1m: r.try_get("err_1m")?,
+            })
+        })
+        .collect()
 }
 
 struct Drain {

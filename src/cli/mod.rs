@@ -1,9 +1,11 @@
 //! The `mlsched` command line: argument parsing and dispatch. Each subcommand lives in
 //! its own module and only calls the library.
 
+mod bench;
 mod dev;
 mod dlq;
 mod inspect;
+mod lab;
 mod model;
 mod predict;
 mod submit;
@@ -34,6 +36,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Measure: prediction latency, head-of-line blocking with and without prediction
+    /// lanes (on a stack it starts, or NATS_URL / DATABASE_URL: use a scratch stack).
+    Bench(bench::BenchArgs),
     /// Run a complete local stack (private nats-server and Postgres unless NATS_URL /
     /// DATABASE_URL are set), submit a demo workload and print a summary.
     Dev(dev::DevArgs),
@@ -102,6 +107,7 @@ pub async fn main() -> anyhow::Result<()> {
 
 async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
+        Command::Bench(args) => bench::run(args, settings).await,
         Command::Dev(args) => dev::run(args, settings).await,
         Command::Migrate => {
             let pool = crate::store::pool(&settings.database)?;

@@ -56,39 +56,7 @@ pub(super) async fn run(command: ModelCommand, settings: Settings) -> anyhow::Re
         }
         ModelCommand::Train { limit, seed } => {
             let out = registry::train_and_promote(&pool, limit, seed).await?;
-            let (train, holdout) = out.trained.sizes;
-            println!(
-                "trained on {} finished jobs ({train} train, {holdout} holdout)",
-                train + holdout
-            );
-            for s in &out.trained.scores {
-                let note = if s.algorithm == "kind_median" {
-                    "  (baseline)"
-                } else if s.algorithm == out.trained.best.algorithm {
-                    "  <- best"
-                } else {
-                    ""
-                };
-                println!(
-                    "  {:<14} MAE {:>12.1} ms   R² {:>6.3}{note}",
-                    s.algorithm, s.mae_ms, s.r2
-                );
-            }
-            if let Some((v, mae)) = out.previous {
-                println!(
-                    "  {:<14} MAE {:>12.1} ms   (active model, same holdout)",
-                    format!("v{v}"),
-                    mae
-                );
-            }
-            if out.promoted {
-                println!("stored as version {} and activated", out.version);
-            } else {
-                println!(
-                    "stored as version {}; not activated (it must beat the baseline, and the active model by 1%)",
-                    out.version
-                );
-            }
+            print_outcome(&out);
         }
         ModelCommand::Activate { version } => {
             registry::activate(&pool, version).await?;
@@ -96,4 +64,42 @@ pub(super) async fn run(command: ModelCommand, settings: Settings) -> anyhow::Re
         }
     }
     Ok(())
+}
+
+/// Prints a training run: every candidate's and the baseline's holdout metrics, and
+/// whether the new model was activated.
+pub(super) fn print_outcome(out: &registry::Outcome) {
+    let (train, holdout) = out.trained.sizes;
+    println!(
+        "trained on {} finished jobs ({train} train, {holdout} holdout)",
+        train + holdout
+    );
+    for s in &out.trained.scores {
+        let note = if s.algorithm == "kind_median" {
+            "  (baseline)"
+        } else if s.algorithm == out.trained.best.algorithm {
+            "  <- best"
+        } else {
+            ""
+        };
+        println!(
+            "  {:<14} MAE {:>12.1} ms   R² {:>6.3}{note}",
+            s.algorithm, s.mae_ms, s.r2
+        );
+    }
+    if let Some((v, mae)) = out.previous {
+        println!(
+            "  {:<14} MAE {:>12.1} ms   (active model, same holdout)",
+            format!("v{v}"),
+            mae
+        );
+    }
+    if out.promoted {
+        println!("stored as version {} and activated", out.version);
+    } else {
+        println!(
+            "stored as version {}; not activated (it must beat the baseline, and the active model by 1%)",
+            out.version
+        );
+    }
 }

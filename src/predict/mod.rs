@@ -5,6 +5,7 @@
 pub mod features;
 pub mod model;
 pub mod registry;
+pub mod synthetic;
 
 pub use features::{FeatureSpace, Features};
 pub use model::{train, Model, Prediction, Sample, Score, Trained};

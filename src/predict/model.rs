@@ -302,27 +302,7 @@ pub fn train(samples: &[Sample], seed: u64) -> Result<Trained, TrainError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// History whose run time depends on the features in a known way:
-    /// base[kind] × size factor × (1 + memory_mb / 1024), with ±10% noise.
-    pub(crate) fn synthetic(n: usize, seed: u64) -> Vec<Sample> {
-        let mut rng = fastrand::Rng::with_seed(seed);
-        let kinds = [("train", 4000.0), ("etl", 800.0), ("infer", 60.0)];
-        let sizes = [("small", 1.0), ("medium", 4.0), ("large", 16.0)];
-        (0..n)
-            .map(|_| {
-                let (kind, base) = kinds[rng.usize(..kinds.len())];
-                let (size, factor) = sizes[rng.usize(..sizes.len())];
-                let memory = [256.0, 1024.0, 4096.0][rng.usize(..3)];
-                let noise = 0.9 + rng.f64() * 0.2;
-                let features = format!(r#"{{"size":"{size}","memory_mb":{memory},"task_type":"cpu"}}"#);
-                Sample {
-                    features: Features::extract(kind, Some(&features), rng.usize(10..500)),
-                    actual_ms: base * factor * (1.0 + memory / 1024.0) * noise,
-                }
-            })
-            .collect()
-    }
+    use crate::predict::synthetic::history as synthetic;
 
     #[test]
     fn the_model_beats_the_per_kind_median_by_a_wide_margin() {

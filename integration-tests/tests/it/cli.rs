@@ -50,10 +50,16 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["job"]["status"], "succeeded");
     assert_eq!(v["job"]["attempts"], 2);
-    assert_eq!(v["job"]["lane"], "slow");
+    assert_eq!(v["job"]["lane"], "fast");
     assert_eq!(v["events"].as_array().unwrap().len(), 5, "{v}");
     let (ok, out) = env.cli(&["status", &id]);
     assert!(ok && out.contains("attempt 2 of 5"), "{out}");
+    let predicted = v["job"]["predicted_ms"].as_i64().unwrap();
+    let actual = v["job"]["actual_ms"].as_i64().unwrap();
+    assert!(
+        out.contains(&format!("prediction off by {} ms", (actual - predicted).abs())),
+        "{out}"
+    );
 
     let (ok, out) = env.cli(&["queues"]);
     assert!(ok);
@@ -70,6 +76,14 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
     assert!(
         out.contains("EST. DRAIN") && out.contains("PREDICTED WORK"),
         "drain estimates per lane:\n{out}"
+    );
+    let accuracy = out
+        .lines()
+        .find(|l| l.starts_with("noop "))
+        .unwrap_or_else(|| panic!("prediction accuracy of noop jobs missing from\n{out}"));
+    assert!(
+        out.contains("PREDICTED p50") && accuracy.split_whitespace().nth(1) == Some("50"),
+        "50 noop jobs finished with predictions:\n{out}"
     );
 
     // A job that dies on its first try (404), then works when retried from the DLQ.
