@@ -124,6 +124,11 @@ impl NatsServer {
         }
     }
 
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// `nats://127.0.0.1:<port>`
     pub fn url(&self) -> String {
         format!("nats://127.0.0.1:{}", self.port)
@@ -277,6 +282,11 @@ impl PgCluster {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// The postmaster's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// URL of database `db` as the `postgres` superuser.

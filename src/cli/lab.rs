@@ -26,8 +26,8 @@ pub(super) struct Lab {
     pub(super) client: async_nats::Client,
     pub(super) pool: PgPool,
     pub(super) data: PathBuf,
-    _nats: Option<NatsServer>,
-    _pg: Option<PgCluster>,
+    nats: Option<NatsServer>,
+    pg: Option<PgCluster>,
 }
 
 impl Lab {
@@ -88,9 +88,18 @@ impl Lab {
             client,
             pool,
             data: data.to_path_buf(),
-            _nats: nats,
-            _pg: pg,
+            nats,
+            pg,
         })
+    }
+
+    /// The private nats-server's and Postgres' process ids (`None` for servers this
+    /// lab did not start).
+    pub(super) fn server_pids(&self) -> (Option<u32>, Option<u32>) {
+        (
+            self.nats.as_ref().and_then(NatsServer::pid),
+            self.pg.as_ref().and_then(PgCluster::pid),
+        )
     }
 
     /// Starts `bin` (a sibling of this executable) as `name`, with this lab's servers,

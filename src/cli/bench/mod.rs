@@ -2,6 +2,9 @@
 //! `DATABASE_URL` name), printed as tables and written as JSON with `--json FILE`.
 //!
 //! Scenarios (all by default, or those named with `--scenario`):
+//! - `throughput`: raw JetStream baselines (one hop, two hops) beside mlsched end to
+//!   end and direct to a lane, latency at fixed offered loads, scaling over executor
+//!   processes, CPU and memory per process, and a chart (see `throughput`).
 //! - `predict`: prediction latency, in-process and over the `mlsched.predict`
 //!   request/reply service.
 //! - `hol`: head-of-line blocking: a flood of long jobs mixed with short ones on two
@@ -13,8 +16,12 @@
 //! `--quick` shrinks every scenario so the whole run takes about a minute (for CI); it
 //! fails only when something is broken, never on a speed number.
 
+mod baseline;
+mod chart;
 mod hol;
 mod predict;
+mod procstat;
+mod throughput;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -31,9 +38,18 @@ pub struct BenchArgs {
     /// Run only these scenarios (repeat the flag; default: all).
     #[arg(long, value_enum)]
     pub scenario: Vec<Scenario>,
-    /// Small sizes so the run takes about a minute (CI); checks that everything works.
+    /// Jobs (and baseline messages) per throughput run [default: 100000; 2000 with
+    /// --quick].
+    #[arg(long)]
+    pub jobs: Option<usize>,
+    /// Small sizes so the run takes about a minute
+    /// (CI); it checks that everything works, never a speed number.
     #[arg(long)]
     pub quick: bool,
+    /// Where to write the chart (SVG): latency against offered load, throughput
+    /// against executor processes.
+    #[arg(long, default_value = "mlsched-bench.svg")]
+    pub chart: PathBuf,
     /// Also write the results as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -46,6 +62,8 @@ pub struct BenchArgs {
 /// What `mlsched bench` can measure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scenario {
+    /// Throughput and latency against raw JetStream, scaling, resources, chart.
+    Throughput,
     /// Prediction latency in-process and over request/reply.
     Predict,
     /// Short jobs' wait behind a flood of long ones: prediction lanes vs one lane.
@@ -54,7 +72,7 @@ pub enum Scenario {
 
 pub(super) async fn run(args: BenchArgs, settings: Settings) -> anyhow::Result<()> {
     let scenarios = if args.scenario.is_empty() {
-        vec![Scenario::Predict, Scenario::Hol]
+        vec![Scenario::Throughput, Scenario::Predict, Scenario::Hol]
     } else {
         args.scenario.clone()
     };
@@ -66,12 +84,17 @@ pub(super) async fn run(args: BenchArgs, settings: Settings) -> anyhow::Result<(
     let mut report = Map::new();
     report.insert("machine".into(), machine(&lab).await);
     report.insert("quick".into(), args.quick.into());
+    let jobs = args.jobs.unwrap_or(if args.quick { 2000 } else { 100_000 });
     for scenario in scenarios {
-        let (name, result) = match scenario {
-            Scenario::Predict => ("predict", predict::run(&lab, args.quick).await?),
-            Scenario::Hol => ("hol", hol::run(&lab, args.quick).await?),
-        };
-        report.insert(name.into(), result);
+        match scenario {
+            Scenario::Throughput => report.extend(throughput::run(&lab, jobs, args.quick, &args.chart).await?),
+            Scenario::Predict => {
+                report.insert("predict".into(), predict::run(&lab, args.quick).await?);
+            }
+            Scenario::Hol => {
+                report.insert("hol".into(), hol::run(&lab, args.quick).await?);
+            }
+        }
     }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_vec_pretty(&Value::Object(report))?)
@@ -79,6 +102,11 @@ pub(super) async fn run(args: BenchArgs, settings: Settings) -> anyhow::Result<(
         println!("\nresults written to {}", path.display());
     }
     Ok(())
+}
+
+/// A progress bar on stderr.
+pub(super) fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
+    super::submit::progress(len, what)
 }
 
 /// What the numbers were measured on.
