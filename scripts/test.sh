@@ -39,6 +39,6 @@ cargo build --locked -p mlsched -p mlsched-executor -p mlsched-predictor
 scripts/acceptance.sh "${CARGO_TARGET_DIR:-target}/debug" --jobs 3000
 
 step "mlsched bench --quick: every benchmark scenario runs end to end (no speed thresholds)"
-"${CARGO_TARGET_DIR:-target}/debug/mlsched" bench --quick --json "$checked/bench.json"
+"${CARGO_TARGET_DIR:-target}/debug/mlsched" bench --quick --json "$checked/bench.json" --chart "$checked/bench.svg"
 
 step "all tests passed"

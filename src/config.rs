@@ -118,7 +118,9 @@ pub struct ExecutorSettings {
     /// Lanes this process consumes (`executor-<lane>` consumers). Default `["fast", "slow"]`.
     /// As an environment variable: `MLSCHED__EXECUTOR__LANES=fast,slow`.
     pub lanes: Vec<String>,
-    /// Jobs run at once per lane (each lane has its own consumer and slots). Default 64.
+    /// Jobs run at once per lane (each lane has its own consumer and slots). Most of a
+    /// short job's time is spent waiting for its two record commits, so one process
+    /// needs many in flight to keep busy. Default 256.
     pub concurrency: usize,
     /// Most messages asked for in one pull request. Default 128.
     pub fetch_batch: usize,
@@ -138,7 +140,7 @@ impl Default for ExecutorSettings {
     fn default() -> Self {
         Self {
             lanes: vec!["fast".into(), "slow".into()],
-            concurrency: 64,
+            concurrency: 256,
             fetch_batch: 128,
             default_timeout_ms: 300_000,
             heartbeat_ms: 10_000,
@@ -467,7 +469,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let s = Settings::load_from(None, &[]).unwrap();
-        assert_eq!(s.executor.concurrency, 64);
+        assert_eq!(s.executor.concurrency, 256);
         assert_eq!(s.executor_lanes().len(), 2);
     }
 

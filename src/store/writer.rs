@@ -3,8 +3,8 @@
 //!
 //! Each record's caller gets a signal when its batch has committed, and only then acks
 //! the message. A batch is what is queued when the writer is free, topped up for at
-//! most `store.linger_ms` and capped at `store.batch_max`; while one batch commits the
-//! next one fills, so batches grow with load. When Postgres is unreachable the batch is
+//! most `store.linger_ms` and capped at `store.batch_max`; while a few batches commit
+//! the next one fills, so batches grow with load. When Postgres is unreachable the batch is
 //! retried with backoff until it commits or the hard stop fires; a record Postgres
 //! refuses for good is isolated so the rest of its batch still commits. After a commit
 //! the writer publishes one `jobs.events.<kind>` message per status change.
@@ -12,6 +12,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
 use sqlx::PgPool;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
@@ -149,17 +151,35 @@ struct Task {
     hard_stop: CancellationToken,
 }
 
+/// Batches being written at once. One would leave the writer idle while a commit
+/// waits for its fsync; a few let the next batches go out meanwhile, so one process's
+/// throughput is not one batch per commit latency. Rows are locked in id order within
+/// each statement, so concurrent batches cannot deadlock, and a caller's next record
+/// for a job is only sent after the previous one committed.
+const IN_FLIGHT: usize = 4;
+
+type Work<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 impl Task {
     async fn run(self, mut rx: mpsc::Receiver<Op>) {
         let mut batch: Vec<Pending> = Vec::with_capacity(self.batch_max);
         let mut touches: Vec<(JobId, i32)> = Vec::new();
+        let mut inflight: FuturesUnordered<Work<'_>> = FuturesUnordered::new();
         fn take(op: Op, batch: &mut Vec<Pending>, touches: &mut Vec<(JobId, i32)>) {
             match op {
                 Op::Write(p) => batch.push(p),
                 Op::Touch(id, attempt) => touches.push((id, attempt)),
             }
         }
-        while let Some(first) = rx.recv().await {
+        loop {
+            // The next record, while the batches in flight go on committing.
+            let first = loop {
+                tokio::select! {
+                    op = rx.recv() => break op,
+                    Some(()) = inflight.next(), if !inflight.is_empty() => {}
+                }
+            };
+            let Some(first) = first else { break };
             take(first, &mut batch, &mut touches);
             while batch.len() < self.batch_max {
                 match rx.try_recv() {
@@ -175,18 +195,23 @@ impl Task {
                             Some(op) => take(op, &mut batch, &mut touches),
                             None => break,
                         },
+                        Some(()) = inflight.next(), if !inflight.is_empty() => {}
                         _ = tokio::time::sleep_until(deadline) => break,
                     }
                 }
             }
             if !batch.is_empty() {
-                self.commit(std::mem::take(&mut batch)).await;
+                while inflight.len() >= IN_FLIGHT {
+                    inflight.next().await;
+                }
+                inflight.push(Box::pin(self.commit(std::mem::take(&mut batch))));
             }
             let beats = std::mem::take(&mut touches);
             if !beats.is_empty() {
-                self.touch(beats).await;
+                inflight.push(Box::pin(self.touch(beats)));
             }
         }
+        while inflight.next().await.is_some() {}
         tracing::debug!("store writer stopped");
     }
 

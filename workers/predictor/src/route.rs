@@ -8,6 +8,7 @@
 //! reason and terminated; it never holds up the valid ones around it.
 
 use std::future::IntoFuture;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, context::PublishAckFuture, message::AckKind, Message};
@@ -22,7 +23,9 @@ use mlsched::telemetry::server::Health;
 
 use crate::predict::Predictor;
 use mlsched::telemetry::trace;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 pub(crate) struct Stage {
@@ -33,9 +36,17 @@ pub(crate) struct Stage {
     pub(crate) predictor: Predictor,
 }
 
-/// Consumes `predictor` until `soft` fires.
+/// Groups routed at once. Routing a group is mostly waiting (the record commit, the
+/// publish acks); with a few in flight the stage keeps Postgres and NATS busy instead
+/// of taking one group per round trip. Jobs carry no order, so nothing is lost by it.
+const IN_FLIGHT: usize = 4;
+
+/// Consumes `predictor` until `soft` fires; returns when every group taken is routed.
 pub(crate) async fn run(stage: Stage, client: async_nats::Client, soft: CancellationToken) {
     let max = stage.settings.predictor.batch_size;
+    let stage = Arc::new(stage);
+    let slots = Arc::new(Semaphore::new(IN_FLIGHT));
+    let groups = TaskTracker::new();
     let mut fetcher = Fetcher::new(client, job::SUBMIT_STREAM, job::PREDICTOR_CONSUMER);
     tracing::info!(batch_size = max, "routing submissions");
     while let Some(mut batch) = fetcher.batch(max, &soft).await {
@@ -51,9 +62,18 @@ pub(crate) async fn run(stage: Stage, client: async_nats::Client, soft: Cancella
             }
             // Submissions already delivered are routed even after a soft stop: handing
             // them back would spend one of their deliveries for nothing.
-            stage.route(group).await;
+            let Ok(slot) = slots.clone().acquire_owned().await else {
+                break;
+            };
+            let stage = stage.clone();
+            groups.spawn(async move {
+                stage.route(group).await;
+                drop(slot);
+            });
         }
     }
+    groups.close();
+    groups.wait().await;
     tracing::info!("stopped fetching");
 }
 
