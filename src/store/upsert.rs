@@ -2,6 +2,8 @@
 //! `mlsched_is_forward`, which also appends a `job_events` row per applied change and
 //! reports each record's outcome.
 
+use std::collections::HashMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
@@ -17,7 +19,6 @@ WITH input AS (
         AS t(id, kind, lane, status, attempts, max_attempts, priority, payload, features, predicted_ms, timeout_ms,
              submitted_at, started_at, finished_at, actual_ms, error, result)
 ),
-prior AS (SELECT j.id, j.status, j.attempts FROM jobs j JOIN input i ON j.id = i.id),
 up AS (
     INSERT INTO jobs AS j (id, kind, lane, status, attempts, max_attempts, priority, payload, features, predicted_ms,
                            timeout_ms, submitted_at, started_at, finished_at, last_heartbeat_at, actual_ms, error, result)
@@ -44,10 +45,12 @@ ev AS (
     INSERT INTO job_events (job_id, status, attempt, error)
     SELECT up.id, up.status, up.attempts, i.error FROM up JOIN input i ON i.id = up.id
 )
-SELECT i.id, (up.id IS NOT NULL) AS applied, COALESCE(up.status, p.status) AS status,
-       COALESCE(up.attempts, p.attempts) AS attempts
-FROM input i LEFT JOIN up ON up.id = i.id LEFT JOIN prior p ON p.id = i.id
+SELECT id, status, attempts FROM up
 "#;
+
+/// The current state of jobs a batch did not change (rare: duplicates, redeliveries,
+/// records that were not a step forward).
+const CURRENT: &str = "SELECT id, status, attempts FROM jobs WHERE id = ANY($1)";
 
 pub(super) async fn execute(pool: &PgPool, records: &[&Record]) -> Result<Vec<(JobId, Commit)>, sqlx::Error> {
     let n = records.len();
@@ -88,7 +91,7 @@ pub(super) async fn execute(pool: &PgPool, records: &[&Record]) -> Result<Vec<(J
         result.push(r.result.as_deref());
     }
     let rows = sqlx::query(UPSERT)
-        .bind(ids)
+        .bind(&ids)
         .bind(kinds)
         .bind(lanes)
         .bind(statuses)
@@ -107,26 +110,46 @@ pub(super) async fn execute(pool: &PgPool, records: &[&Record]) -> Result<Vec<(J
         .bind(result)
         .fetch_all(pool)
         .await?;
-    let mut out = Vec::with_capacity(rows.len());
+    let mut state: HashMap<Uuid, Commit> = HashMap::with_capacity(n);
+    read_states(&rows, true, &mut state)?;
+    // The ones not applied report the job's current state, read after the commit (the
+    // status only moves forward, so that is as good as the state the upsert saw).
+    let unchanged: Vec<Uuid> = ids.iter().filter(|id| !state.contains_key(id)).copied().collect();
+    if !unchanged.is_empty() {
+        let rows = sqlx::query(CURRENT).bind(&unchanged).fetch_all(pool).await?;
+        read_states(&rows, false, &mut state)?;
+    }
+    ids.iter()
+        .map(|id| {
+            state
+                .remove(id)
+                .map(|c| (JobId(*id), c))
+                .ok_or_else(|| sqlx::Error::Protocol(format!("job {id}: neither written nor found")))
+        })
+        .collect()
+}
+
+fn read_states(
+    rows: &[sqlx::postgres::PgRow],
+    applied: bool,
+    out: &mut HashMap<Uuid, Commit>,
+) -> Result<(), sqlx::Error> {
     for row in rows {
         let id: Uuid = row.try_get("id")?;
-        let applied: bool = row.try_get("applied")?;
-        let status: Option<String> = row.try_get("status")?;
-        let attempts: Option<i32> = row.try_get("attempts")?;
+        let status: String = row.try_get("status")?;
         let status = status
-            .as_deref()
-            .and_then(|s| s.parse::<Status>().ok())
-            .ok_or_else(|| sqlx::Error::Protocol(format!("job {id}: row changed concurrently")))?;
-        out.push((
-            JobId(id),
+            .parse::<Status>()
+            .map_err(|_| sqlx::Error::Protocol(format!("job {id}: unknown status {status:?}")))?;
+        out.insert(
+            id,
             Commit {
                 applied,
                 status,
-                attempts: attempts.unwrap_or(0),
+                attempts: row.try_get("attempts")?,
             },
-        ));
+        );
     }
-    Ok(out)
+    Ok(())
 }
 
 pub(super) fn event_json(r: &Record, c: &Commit) -> (String, Vec<u8>) {
