@@ -36,8 +36,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Measure: prediction latency, head-of-line blocking with and without prediction
-    /// lanes (on a stack it starts, or NATS_URL / DATABASE_URL: use a scratch stack).
+    /// Measure: throughput and latency beside raw JetStream, prediction latency,
+    /// head-of-line blocking with and without prediction lanes (on a stack it starts, or
+    /// NATS_URL / DATABASE_URL: use a scratch stack).
     Bench(bench::BenchArgs),
     /// Run a complete local stack (private nats-server and Postgres unless NATS_URL /
     /// DATABASE_URL are set), submit a demo workload and print a summary.
