@@ -109,23 +109,30 @@ pub(crate) async fn attempt(ctx: &Ctx, msg: &Message, lane: &Lane) -> Settle {
             };
         }
     };
-    let span = tracing::info_span!(
-        "job",
-        id = %job.id,
-        kind = %job.kind,
-        attempt = delivered,
-        trace_id = tracing::field::Empty,
-        otel.name = %format!("{subject} process"),
-        otel.kind = "consumer",
-        messaging.system = "nats",
-        messaging.operation.type = "process",
-        messaging.destination.name = %subject,
-        messaging.message.id = %job.id,
-    );
-    trace::continue_from(&span, msg.headers.as_ref());
-    if let Some(id) = trace::trace_id(&span) {
-        span.record("trace_id", id.as_str());
-    }
+    // Every log line about the job carries its id, kind and attempt; the span's
+    // OpenTelemetry fields (and their formatting, on every job) only when tracing is on.
+    let span = if trace::enabled() {
+        let span = tracing::info_span!(
+            "job",
+            id = %job.id,
+            kind = %job.kind,
+            attempt = delivered,
+            trace_id = tracing::field::Empty,
+            otel.name = %format!("{subject} process"),
+            otel.kind = "consumer",
+            messaging.system = "nats",
+            messaging.operation.type = "process",
+            messaging.destination.name = %subject,
+            messaging.message.id = %job.id,
+        );
+        trace::continue_from(&span, msg.headers.as_ref());
+        if let Some(id) = trace::trace_id(&span) {
+            span.record("trace_id", id.as_str());
+        }
+        span
+    } else {
+        tracing::info_span!("job", id = %job.id, kind = %job.kind, attempt = delivered)
+    };
     let delivery = Delivery {
         delivered,
         published,
