@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sqlx::{PgPool, Row};
 
-use super::lab::{publish_all, wait_finished, Lab, Outgoing};
+use super::lab::{wait_finished, wait_for_model, Lab};
+use super::submit::{publish_all, Outgoing};
 use crate::client::Producer;
 use crate::config::Settings;
 use crate::job::{self, JobId, Kind};
@@ -197,7 +198,7 @@ async fn demo(lab: &Lab, n: u64, flood: u64) -> anyhow::Result<()> {
     if !outcome.promoted {
         println!("(the flood below runs on the per-kind medians)");
     } else {
-        super::bench::wait_for_model(client, outcome.version, Duration::from_secs(60)).await?;
+        wait_for_model(client, outcome.version, Duration::from_secs(60)).await?;
         println!("the predictor serves version {} now", outcome.version);
     }
 

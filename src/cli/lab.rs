@@ -3,21 +3,15 @@
 //! running ones, migrated, with the streams applied, and the worker binaries next to
 //! this one started and stopped as child processes.
 
-use std::future::IntoFuture;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use bytes::Bytes;
-use futures::stream::FuturesUnordered;
-use futures::StreamExt;
 use indicatif::ProgressBar;
 use sqlx::PgPool;
 
-use crate::client::Producer;
 use crate::config::{Secret, Settings};
-use crate::job::JobId;
 use crate::stack::{self, NatsServer, PgCluster};
 
 /// The servers, their clients, and where logs go.
@@ -203,36 +197,6 @@ fn sibling(name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
-/// A job ready to publish: subject, id, envelope.
-pub(super) type Outgoing = (String, JobId, Bytes);
-
-/// Publish acks outstanding at once when publishing many jobs.
-const WINDOW: usize = 2048;
-
-/// Publishes `jobs` (subject, id, envelope) pipelined, at most [`WINDOW`] acks
-/// outstanding, and awaits every ack; `bar` counts the acked ones.
-pub(super) async fn publish_all(
-    producer: &Producer,
-    jobs: impl IntoIterator<Item = Outgoing>,
-    bar: &ProgressBar,
-) -> anyhow::Result<()> {
-    let mut acks = FuturesUnordered::new();
-    for (subject, id, body) in jobs {
-        acks.push(producer.send(subject, id, body).await?.into_future());
-        while acks.len() >= WINDOW {
-            if let Some(ack) = acks.next().await {
-                ack.context("publish not acknowledged")?;
-                bar.inc(1);
-            }
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        ack.context("publish not acknowledged")?;
-        bar.inc(1);
-    }
-    Ok(())
-}
-
 /// Waits until every job of `ids` is finished (succeeded, dead or cancelled) in
 /// Postgres, or fails after `within`; `bar` shows how many are.
 pub(super) async fn wait_finished(
@@ -255,6 +219,28 @@ pub(super) async fn wait_finished(
         }
         if tokio::time::Instant::now() > deadline {
             bail!("only {done} of {} jobs finished within {within:?}", ids.len());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Waits until a predictor answers `mlsched.predict` with model `version`.
+pub(super) async fn wait_for_model(client: &async_nats::Client, version: i64, within: Duration) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let reply = tokio::time::timeout(
+            Duration::from_secs(1),
+            client.request("mlsched.predict", r#"{"kind":"noop"}"#.into()),
+        )
+        .await;
+        if let Ok(Ok(msg)) = reply {
+            let v: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            if v["model_version"].as_i64() == Some(version) {
+                return Ok(());
+            }
+        }
+        if tokio::time::Instant::now() > deadline {
+            bail!("no predictor served model {version} within {within:?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -6,6 +6,7 @@ use std::future::IntoFuture;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context as _};
+use bytes::Bytes;
 use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -71,8 +72,7 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
     let bar = progress(args.count, "submitting");
     let started = Instant::now();
     let mut ids = Vec::with_capacity(args.count.min(1_000_000) as usize);
-    let mut acks = FuturesUnordered::new();
-    for _ in 0..args.count {
+    let jobs = (0..args.count).map(|_| {
         let id = JobId::new_v7();
         let mut env = serde_json::json!({"id": id, "kind": kind, "payload": payload});
         if let Some(f) = &features {
@@ -84,22 +84,10 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
         if let Some(t) = args.timeout_ms {
             env["timeout_ms"] = t.into();
         }
-        let body = serde_json::to_vec(&env)?;
-        let span = publish_span(&subject, id);
-        let sent = producer.send(subject.clone(), id, body.into()).instrument(span).await?;
-        acks.push(sent.into_future());
         ids.push(id);
-        while acks.len() >= WINDOW {
-            if let Some(ack) = acks.next().await {
-                ack.context("publish not acknowledged")?;
-                bar.inc(1);
-            }
-        }
-    }
-    while let Some(ack) = acks.next().await {
-        ack.context("publish not acknowledged")?;
-        bar.inc(1);
-    }
+        (subject.clone(), id, Bytes::from(env.to_string()))
+    });
+    publish_all(&producer, jobs, &bar).await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
     if args.count == 1 {
@@ -164,6 +152,35 @@ pub(super) async fn run(args: SubmitArgs, settings: Settings) -> anyhow::Result<
             started.elapsed().as_secs_f64(),
             parts.join(", ")
         );
+    }
+    Ok(())
+}
+
+/// A job ready to publish: subject, id, envelope.
+pub(super) type Outgoing = (String, JobId, Bytes);
+
+/// Publishes `jobs` (subject, id, envelope) pipelined, at most [`WINDOW`] acks
+/// outstanding, and awaits every ack; `bar` counts the acked ones. With tracing on,
+/// each job's trace starts at its publish.
+pub(super) async fn publish_all(
+    producer: &Producer,
+    jobs: impl IntoIterator<Item = Outgoing>,
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
+    let mut acks = FuturesUnordered::new();
+    for (subject, id, body) in jobs {
+        let span = publish_span(&subject, id);
+        acks.push(producer.send(subject, id, body).instrument(span).await?.into_future());
+        while acks.len() >= WINDOW {
+            if let Some(ack) = acks.next().await {
+                ack.context("publish not acknowledged")?;
+                bar.inc(1);
+            }
+        }
+    }
+    while let Some(ack) = acks.next().await {
+        ack.context("publish not acknowledged")?;
+        bar.inc(1);
     }
     Ok(())
 }

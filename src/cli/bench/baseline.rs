@@ -20,6 +20,8 @@ use futures::stream::FuturesUnordered;
 use futures::StreamExt;
 use indicatif::ProgressBar;
 
+use crate::cli::submit::progress;
+
 /// Publish acks outstanding at once (as mlsched's own producers).
 const WINDOW: usize = 2048;
 /// Messages per pull request.
@@ -125,7 +127,7 @@ async fn drain(
 pub(super) async fn one_hop(client: &async_nats::Client, n: usize, body: &Bytes) -> anyhow::Result<Rates> {
     let js = jetstream::new(client.clone());
     let s = fresh_stream(&js, "BENCH_ONE").await?;
-    let bar = super::bar(n as u64 * 2, "one hop");
+    let bar = progress(n as u64 * 2, "one hop");
     let publish_per_s = fill(&js, "BENCH_ONE", n, body, &bar).await?;
     let c = consumer(&s).await?;
     let began = Instant::now();
@@ -145,7 +147,7 @@ pub(super) async fn two_hop(client: &async_nats::Client, n: usize, body: &Bytes)
     let js = jetstream::new(client.clone());
     let first = fresh_stream(&js, "BENCH_TWO_A").await?;
     let second = fresh_stream(&js, "BENCH_TWO_B").await?;
-    let bar = super::bar(n as u64 * 2, "two hops");
+    let bar = progress(n as u64 * 2, "two hops");
     let publish_per_s = fill(&js, "BENCH_TWO_A", n, body, &bar).await?;
     let (c1, c2) = (consumer(&first).await?, consumer(&second).await?);
     let began = Instant::now();

@@ -11,9 +11,9 @@ use anyhow::{bail, Context as _};
 use serde_json::{json, Value};
 use sqlx::Row;
 
-use super::{wait_for_model, Percentiles};
-use crate::cli::lab::{publish_all, wait_finished, Lab, Outgoing, Proc};
-use crate::cli::submit::progress;
+use super::Percentiles;
+use crate::cli::lab::{wait_finished, wait_for_model, Lab, Proc};
+use crate::cli::submit::{progress, publish_all, Outgoing};
 use crate::client::Producer;
 use crate::job::{self, JobId, Kind};
 use crate::predict::registry;

@@ -24,7 +24,6 @@ mod procstat;
 mod throughput;
 
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use serde_json::{json, Map, Value};
@@ -104,11 +103,6 @@ pub(super) async fn run(args: BenchArgs, settings: Settings) -> anyhow::Result<(
     Ok(())
 }
 
-/// A progress bar on stderr.
-pub(super) fn bar(len: u64, what: &str) -> indicatif::ProgressBar {
-    super::submit::progress(len, what)
-}
-
 /// What the numbers were measured on.
 async fn machine(lab: &Lab) -> Value {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
@@ -152,28 +146,6 @@ impl Percentiles {
     /// `{p50, p95, p99, max}` in the values' unit.
     pub(super) fn json(&self) -> Value {
         json!({"p50": self.at(0.5), "p95": self.at(0.95), "p99": self.at(0.99), "max": self.max(), "n": self.sorted.len()})
-    }
-}
-
-/// Waits until a predictor answers `mlsched.predict` with model `version`.
-pub(super) async fn wait_for_model(client: &async_nats::Client, version: i64, within: Duration) -> anyhow::Result<()> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        let reply = tokio::time::timeout(
-            Duration::from_secs(1),
-            client.request("mlsched.predict", r#"{"kind":"noop"}"#.into()),
-        )
-        .await;
-        if let Ok(Ok(msg)) = reply {
-            let v: Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
-            if v["model_version"].as_i64() == Some(version) {
-                return Ok(());
-            }
-        }
-        if tokio::time::Instant::now() > deadline {
-            anyhow::bail!("no predictor served model {version} within {within:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -9,8 +9,8 @@ use anyhow::Context as _;
 use futures::stream::{self, StreamExt};
 use serde_json::{json, Value};
 
-use super::{wait_for_model, Percentiles};
-use crate::cli::lab::Lab;
+use super::Percentiles;
+use crate::cli::lab::{wait_for_model, Lab};
 use crate::predict::{model::train, registry, synthetic, Features};
 
 /// Requests in flight in the concurrent request/reply run.

@@ -27,8 +27,9 @@ use serde_json::{json, Value};
 use sqlx::Row;
 
 use super::procstat::{cpu_s, peak_rss_mib, rss_mib, tree_cpu_s};
-use super::{bar, baseline, Percentiles};
-use crate::cli::lab::{publish_all, Lab, Outgoing, Proc};
+use super::{baseline, Percentiles};
+use crate::cli::lab::{Lab, Proc};
+use crate::cli::submit::{progress as bar, publish_all, Outgoing};
 use crate::client::Producer;
 use crate::job::{self, JobId, Kind, Lane};
 
