@@ -11,7 +11,7 @@ use std::fmt;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use crate::job::{Kind, Lane};
@@ -43,6 +43,13 @@ impl Secret {
     }
 }
 
+/// Serialized hidden: `***` when set, empty when not.
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(if self.0.is_empty() { "" } else { "***" })
+    }
+}
+
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("Secret(***)")
@@ -50,7 +57,7 @@ impl fmt::Debug for Secret {
 }
 
 /// All settings of every mlsched process.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, Serialize, Default)]
 #[serde(deny_unknown_fields, default)]
 pub struct Settings {
     /// `[nats]`
@@ -74,7 +81,7 @@ pub struct Settings {
 }
 
 /// `[nats]`: the NATS connection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NatsSettings {
     /// Server URL(s), comma-separated. `NATS_URL` overrides. Default `nats://127.0.0.1:4222`.
@@ -93,7 +100,7 @@ impl Default for NatsSettings {
 }
 
 /// `[database]`: the Postgres connection.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseSettings {
     /// Connection URL. `DATABASE_URL` overrides. Default `postgres://127.0.0.1:5432/mlsched`.
@@ -112,7 +119,7 @@ impl Default for DatabaseSettings {
 }
 
 /// `[executor]`: the job workers.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ExecutorSettings {
     /// Lanes this process consumes (`executor-<lane>` consumers). Default `["fast", "slow"]`.
@@ -151,7 +158,7 @@ impl Default for ExecutorSettings {
 }
 
 /// `[predictor]`: the routing stage.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct PredictorSettings {
     /// Most submissions taken in one batch. Default 256.
@@ -194,7 +201,7 @@ impl Default for PredictorSettings {
 }
 
 /// `[retry]`: what happens after a failed attempt.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RetrySettings {
     /// Backoff before the second attempt, ms; doubles each attempt. Default 1000.
@@ -216,7 +223,7 @@ impl Default for RetrySettings {
 }
 
 /// `[shutdown]`: SIGTERM behaviour.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ShutdownSettings {
     /// Time in-flight jobs get to finish after SIGTERM, seconds. Default 25; keep the
@@ -231,7 +238,7 @@ impl Default for ShutdownSettings {
 }
 
 /// `[store]`: the group-committing Postgres writer.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct StoreSettings {
     /// Most job records in one statement. Default 512.
@@ -251,7 +258,7 @@ impl Default for StoreSettings {
 }
 
 /// `[metrics]`: the operations endpoint and SLO sampling.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct MetricsSettings {
     /// Address of `/metrics`, `/healthz` and `/readyz`; empty turns it off.
@@ -272,7 +279,7 @@ impl Default for MetricsSettings {
 }
 
 /// `[log]`: log output.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct LogSettings {
     /// `text` (default) or `json`.
@@ -415,6 +422,23 @@ impl Settings {
         }
     }
 
+    /// Every key with its effective value, as `(section.key, value)` in order; secrets
+    /// show as `***`.
+    pub fn entries(&self) -> Vec<(String, serde_json::Value)> {
+        let Ok(serde_json::Value::Object(sections)) = serde_json::to_value(self) else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (section, keys) in sections {
+            if let serde_json::Value::Object(keys) = keys {
+                for (key, value) in keys {
+                    out.push((format!("{section}.{key}"), value));
+                }
+            }
+        }
+        out
+    }
+
     /// The executor's lanes, validated.
     pub fn executor_lanes(&self) -> Vec<Lane> {
         self.executor
@@ -464,6 +488,19 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn entries_name_every_key_and_hide_secrets() {
+        let env = vec![("DATABASE_URL".to_string(), "postgres://u:pw@db/x".to_string())];
+        let s = Settings::load_from(None, &env).unwrap();
+        let entries = s.entries();
+        let get = |k: &str| entries.iter().find(|(key, _)| key == k).map(|(_, v)| v.clone());
+        assert_eq!(get("database.url"), Some(serde_json::json!("***")));
+        assert_eq!(get("executor.concurrency"), Some(serde_json::json!(256)));
+        assert_eq!(get("shutdown.grace_s"), Some(serde_json::json!(25)));
+        assert!(entries.iter().all(|(k, _)| k.split('.').count() == 2), "{entries:?}");
+        assert!(!format!("{entries:?}").contains("pw"));
     }
 
     #[test]

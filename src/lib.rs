@@ -13,10 +13,12 @@
 //! - [`predict`]: run-time features and models (smartcore).
 //! - [`runtime`]: what workers share: shutdown, backoff, fetching, dead-lettering.
 //! - [`slo`]: the backlog SLIs sampled from JetStream.
+//! - [`autoscale`]: the lag KEDA reads and the replicas it asks for (keda/).
 //! - [`stack`]: private `nats-server` and Postgres processes for `mlsched dev` and tests.
 //! - [`telemetry`]: logs, Prometheus metrics and the `/metrics` `/healthz` `/readyz` endpoint.
 //! - [`cli`]: the `mlsched` command line.
 
+pub mod autoscale;
 pub mod cli;
 pub mod client;
 pub mod config;

@@ -5,7 +5,9 @@
 //! the streams, starts the predictor and the executors (the sibling binaries next to
 //! this one) and plays the demo: a mixed workload predicted cold, a model trained on
 //! it, and a flood of long jobs mixed with short ones that the model routes apart.
-//! `--keep-running` leaves everything up until Ctrl-C.
+//! `--keep-running` leaves everything up until Ctrl-C. `--autoscale` runs the executors
+//! the way KEDA would instead (src/cli/autoscale.rs) and plays a burst that scales them
+//! out and back in.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -13,6 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use sqlx::{PgPool, Row};
 
+use super::autoscale::{Autoscaler, Timing};
 use super::lab::{wait_finished, wait_for_model, Lab};
 use super::submit::{publish_all, Outgoing};
 use crate::client::Producer;
@@ -39,6 +42,19 @@ pub struct DevArgs {
     /// Leave the stack running after the demo, until Ctrl-C.
     #[arg(long)]
     pub keep_running: bool,
+    /// Scale executor processes per lane on consumer lag with the ScaledObjects of
+    /// keda/ (as KEDA would, with timings in seconds) instead of starting --executors,
+    /// and play a burst that scales them out and back in.
+    #[arg(long)]
+    pub autoscale: bool,
+    /// With --autoscale: short jobs (300 ms) in the burst to the fast lane, plus one long
+    /// job (3 s) to the slow lane per 80 of them (0: no burst).
+    #[arg(long, default_value_t = 4000)]
+    pub burst: u64,
+    /// With --autoscale and NATS_URL: the server's monitoring endpoint, http://host:port
+    /// (default: the private server's).
+    #[arg(long)]
+    pub nats_monitor: Option<String>,
 }
 
 pub(super) async fn run(args: DevArgs, settings: Settings) -> anyhow::Result<()> {
@@ -49,7 +65,7 @@ pub(super) async fn run(args: DevArgs, settings: Settings) -> anyhow::Result<()>
     let lab = Lab::start(&data, settings, false, true).await?;
 
     // Quicker retries and model reloads than in production, unless set.
-    let env: Vec<(&str, String)> = [
+    let env: Vec<(&'static str, String)> = [
         ("MLSCHED__RETRY__BASE_MS", "200"),
         ("MLSCHED__PREDICTOR__MODEL_REFRESH_S", "2"),
     ]
@@ -58,6 +74,13 @@ pub(super) async fn run(args: DevArgs, settings: Settings) -> anyhow::Result<()>
     .map(|(k, v)| (k, v.to_string()))
     .collect();
     let mut workers = vec![lab.spawn("mlsched-predictor", "predictor", &env)?];
+    if args.autoscale {
+        let result = autoscaled(&lab, &args, env).await;
+        for mut w in workers {
+            w.stop()?;
+        }
+        return result;
+    }
     for i in 1..=args.executors {
         workers.push(lab.spawn("mlsched-executor", &format!("executor-{i}"), &env)?);
     }
@@ -311,4 +334,140 @@ async fn summary(client: &async_nats::Client, pool: &PgPool, ids: &[uuid::Uuid])
     println!("run                   {}", pct(&run));
     println!("dead letters     {dead_letters} in JOBS_DEAD (see `mlsched dlq list`)");
     Ok(())
+}
+
+/// Fast-lane burst jobs run this long, ms.
+const BURST_SHORT_MS: u64 = 300;
+/// Slow-lane burst jobs run this long, ms.
+const BURST_LONG_MS: u64 = 3000;
+
+/// `--autoscale`: executors scaled on lag until the burst is done and every lane is
+/// back at its minimum (or until Ctrl-C with --keep-running).
+async fn autoscaled(lab: &Lab, args: &DevArgs, env: Vec<(&'static str, String)>) -> anyhow::Result<()> {
+    let monitor = match (&args.nats_monitor, lab.monitor_url()) {
+        (Some(m), _) => m.clone(),
+        (None, Some(m)) => m,
+        (None, None) => anyhow::bail!("--autoscale with NATS_URL needs --nats-monitor http://<host>:8222"),
+    };
+    let timing = Timing::local();
+    let mut scaler = Autoscaler::new(&monitor, timing, env)?;
+    println!("\nAutoscaling executors with the ScaledObjects of keda/: replicas = ceil(lag / lagThreshold),");
+    println!("lag = pending + in flight of the lane's consumer, read from {monitor}/jsz as KEDA reads it.");
+    let mut chart_timing = (0, 0);
+    for (lane, p) in scaler.policies() {
+        println!(
+            "  {lane:<5} lagThreshold {:>4} (each executor runs that many jobs at once), replicas {}..{}",
+            p.lag_threshold, p.min_replicas, p.max_replicas
+        );
+        chart_timing = (p.polling_interval_s, p.cooldown_s);
+    }
+    println!(
+        "  timings shortened for one machine: poll {:?}, scale-down window {:?}, cooldown to zero {:?} (keda/: {}s, 300s, {}s)",
+        timing.poll, timing.stabilization, timing.cooldown, chart_timing.0, chart_timing.1
+    );
+    scaler.start(lab)?;
+    let started = Instant::now();
+    let stamp = |c: &super::autoscale::Change| {
+        println!(
+            "{:>7.1}s  executor-{:<5} lag {:>6}  {} -> {} executors",
+            started.elapsed().as_secs_f64(),
+            c.lane,
+            c.lag,
+            c.from,
+            c.to
+        )
+    };
+
+    let short = (args.burst, BURST_SHORT_MS, "fast");
+    let long = (args.burst.div_ceil(80), BURST_LONG_MS, "slow");
+    let mut ids = Vec::new();
+    if args.burst > 0 {
+        let kind = Kind::new("sleep").expect("built-in kind");
+        let mut jobs = Vec::new();
+        for (n, ms, lane) in [short, long] {
+            let lane = crate::job::Lane::new(lane)?;
+            for _ in 0..n {
+                let id = JobId::new_v7();
+                let body = json!({"id": id, "kind": kind, "payload": {"ms": ms}});
+                jobs.push((job::run_subject(&lane, &kind), id, serde_json::to_vec(&body)?.into()));
+                ids.push(id.0);
+            }
+        }
+        println!(
+            "\nA burst, published straight to the lanes: {} jobs of {} ms to jobs.run.fast.sleep, {} of {} ms to jobs.run.slow.sleep.",
+            short.0, short.1, long.0, long.1
+        );
+        let bar = super::submit::progress(ids.len() as u64, "submitting");
+        publish_all(&Producer::new(lab.client.clone()), jobs, &bar).await?;
+        bar.finish_and_clear();
+    }
+    if args.keep_running {
+        println!("\nPublish a burst of your own and watch (Ctrl-C stops everything):");
+        println!(
+            "  NATS_URL={} mlsched submit --kind sleep --payload '{{\"ms\": 500}}' --count 5000",
+            lab.settings.nats.url.expose()
+        );
+    }
+    let mut stop = std::pin::pin!(crate::runtime::shutdown_signal());
+    let mut done_at = None;
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(timing.poll) => {}
+            _ = &mut stop => break,
+        }
+        for change in scaler.step(lab).await? {
+            stamp(&change);
+        }
+        if done_at.is_none() && !ids.is_empty() && finished(&lab.pool, &ids).await? == ids.len() as i64 {
+            done_at = Some(started.elapsed());
+        }
+        let at_minimum = scaler
+            .policies()
+            .all(|(lane, p)| scaler.replicas(lane) == p.min_replicas);
+        if !args.keep_running && (ids.is_empty() || done_at.is_some()) && at_minimum {
+            break;
+        }
+    }
+    if let Some(done) = done_at {
+        println!(
+            "\nburst finished   {} jobs in {:.1}s; every lane back at its minimum after {:.1}s",
+            ids.len(),
+            done.as_secs_f64(),
+            started.elapsed().as_secs_f64()
+        );
+        for (n, _, lane) in [short, long] {
+            let p = scaler.policies().find(|(l, _)| *l == lane).map(|(_, p)| p.clone());
+            if let Some(p) = p {
+                println!(
+                    "  {lane:<5} peak {} executors (the formula for the whole burst at once: ceil({n} / {}) = {}, at most {})",
+                    scaler.peak(lane),
+                    p.lag_threshold,
+                    n.div_ceil(p.lag_threshold),
+                    p.max_replicas
+                );
+            }
+        }
+        let row = sqlx::query(
+            "SELECT count(*) FILTER (WHERE status = 'succeeded') AS ok,
+                    (SELECT count(*) FROM (SELECT job_id FROM job_events WHERE job_id = ANY($1) AND status = 'running'
+                        GROUP BY job_id HAVING count(*) > 1) twice) AS twice
+             FROM jobs WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_one(&lab.pool)
+        .await?;
+        let (ok, twice): (i64, i64) = (row.get("ok"), row.get("twice"));
+        println!("  records: {ok} of {} succeeded, {twice} started twice", ids.len());
+    }
+    scaler.stop().await
+}
+
+/// How many of `ids` are finished.
+async fn finished(pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('succeeded', 'dead', 'cancelled')",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await?)
 }

@@ -96,6 +96,12 @@ impl Lab {
         )
     }
 
+    /// `http://host:port` of the private nats-server's monitoring endpoint (`None` when
+    /// NATS_URL named the server).
+    pub(super) fn monitor_url(&self) -> Option<String> {
+        self.nats.as_ref().map(NatsServer::monitor_url)
+    }
+
     /// Starts `bin` (a sibling of this executable) as `name`, with this lab's servers,
     /// its own metrics port, its log in `logs/<name>.log`, and `env` on top.
     pub(super) fn spawn(&self, bin: &str, name: &str, env: &[(&str, String)]) -> anyhow::Result<Proc> {

@@ -1,12 +1,14 @@
 //! The `mlsched` command line: argument parsing and dispatch. Each subcommand lives in
 //! its own module and only calls the library.
 
+mod autoscale;
 mod bench;
 mod dev;
 mod dlq;
 mod inspect;
 mod lab;
 mod model;
+mod ops;
 mod predict;
 mod submit;
 
@@ -43,6 +45,13 @@ pub enum Command {
     /// Run a complete local stack (private nats-server and Postgres unless NATS_URL /
     /// DATABASE_URL are set), submit a demo workload and print a summary.
     Dev(dev::DevArgs),
+    /// Check the settings (mlsched.toml, MLSCHED__* variables, NATS_URL / DATABASE_URL)
+    /// as every worker loads them and print each key's effective value, secrets hidden;
+    /// fails naming every bad key.
+    Config,
+    /// Ask this machine's worker for /readyz on metrics.listen; exits 0 when it answers
+    /// 200 (the container image's health check).
+    Health(ops::HealthArgs),
     /// Apply the Postgres migrations.
     Migrate,
     /// JetStream streams and consumers.
@@ -110,6 +119,11 @@ async fn run(command: Command, settings: Settings) -> anyhow::Result<()> {
     match command {
         Command::Bench(args) => bench::run(args, settings).await,
         Command::Dev(args) => dev::run(args, settings).await,
+        Command::Config => {
+            ops::config(&settings);
+            Ok(())
+        }
+        Command::Health(args) => ops::health(args, &settings).await,
         Command::Migrate => {
             let pool = crate::store::pool(&settings.database)?;
             crate::store::migrate(&pool).await.context("migrating the database")?;

@@ -8,4 +8,5 @@ mod http;
 mod model;
 mod observability;
 mod pipeline;
+mod scaling;
 mod tracing_export;
