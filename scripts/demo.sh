@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh)"
 export MLSCHED_NATS_SERVER="${MLSCHED_NATS_SERVER:-$SYSTEM_NATS}"
 cargo build --release --locked -p mlsched -p mlsched-executor -p mlsched-predictor
-exec target/release/mlsched dev "$@"
+exec "${CARGO_TARGET_DIR:-target}/release/mlsched" dev "$@"

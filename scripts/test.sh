@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command: formatting, lints, unit tests, the integration tests against real
 # processes (once with the distribution's nats-server, once with a current release),
-# and the acceptance run with an outside Python producer against the built binaries.
+# the acceptance run with an outside Python producer against the built binaries, and
+# the offline validation of the Kubernetes deployment (chart, keda/, infra/k8s/, image).
 # Sets up what is missing first (scripts/setup.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +10,7 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh)"
 system_nats="$SYSTEM_NATS"
 current_nats="$CURRENT_NATS"
+deploy_python="$DEPLOY_PYTHON"
 export MLSCHED_NATS_SERVER="$system_nats"
 
 step() { printf '\n==> %s\n' "$*"; }
@@ -37,6 +39,9 @@ MLSCHED_NATS_SERVER="$current_nats" cargo test --locked -p integration-tests --t
 step "acceptance: a Python producer, duplicates, malformed bodies, kill -9 of an executor"
 cargo build --locked -p mlsched -p mlsched-executor -p mlsched-predictor
 scripts/acceptance.sh "${CARGO_TARGET_DIR:-target}/debug" --jobs 3000
+
+step "deployment: the Helm chart for dev/staging/prod, keda/, infra/k8s/, the Dockerfile (offline)"
+"$deploy_python" scripts/check-deploy.py "${CARGO_TARGET_DIR:-target}/debug/mlsched"
 
 step "mlsched bench --quick: every benchmark scenario runs end to end (no speed thresholds)"
 "${CARGO_TARGET_DIR:-target}/debug/mlsched" bench --quick --json "$checked/bench.json" --chart "$checked/bench.svg"

@@ -116,6 +116,31 @@ async fn submit_wait_status_queues_and_dlq_work_end_to_end() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn config_prints_every_effective_key_without_secrets_and_names_a_bad_one() {
+    let env = TestEnv::start().await;
+    let (ok, out) = env.cli(&["config"]);
+    assert!(ok, "{out}");
+    assert!(out.contains("database.url = \"***\""), "{out}");
+    assert!(out.contains("executor.lanes = [\"fast\",\"slow\"]"), "{out}");
+    assert!(out.contains("shutdown.grace_s = "), "{out}");
+    assert!(
+        !out.contains("postgres://"),
+        "no connection string in the output: {out}"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_it-mlsched"))
+        .arg("config")
+        .env_clear()
+        .envs(env.process_env())
+        .env("MLSCHED__EXECUTOR__CONCURENCY", "16")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("concurency"), "the unknown key is named: {err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_setting_stops_a_worker_at_start_naming_the_key() {
     let env = TestEnv::start().await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_it-worker"))

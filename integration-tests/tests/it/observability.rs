@@ -48,6 +48,12 @@ async fn backlog_outcomes_and_readiness_are_visible_to_operators() {
         get(&format!("{predictor_base}/healthz")).await.unwrap(),
         (200, "ok".into())
     );
+    // The image's health check: `mlsched health` against the worker's port.
+    let (ok, out) = env.cli(&["health", "--addr", &listen]);
+    assert!(ok && out.contains("/readyz: ok"), "{out}");
+    let closed = format!("127.0.0.1:{}", mlsched::stack::free_port().unwrap());
+    let (ok, _) = env.cli(&["health", "--addr", &closed, "--path", "/healthz"]);
+    assert!(!ok, "nothing listening: unhealthy");
 
     // No executor yet: the backlog builds up where KEDA and the alerts look for it.
     for _ in 0..50 {
