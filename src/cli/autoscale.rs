@@ -131,7 +131,15 @@ impl Autoscaler {
         let now = Instant::now();
         let mut changes = Vec::new();
         for i in 0..self.lanes.len() {
-            let lag = self.reader.lag(&self.lanes[i].policy).await?;
+            // A failed read changes nothing this poll (KEDA, after three, holds the
+            // fallback replica count).
+            let lag = match self.reader.lag(&self.lanes[i].policy).await {
+                Ok(lag) => lag,
+                Err(e) => {
+                    eprintln!("autoscaler: {e:#}");
+                    continue;
+                }
+            };
             let lane = &mut self.lanes[i];
             let current = lane.procs.len() as u32;
             let p = &lane.policy;
