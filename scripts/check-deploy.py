@@ -67,7 +67,10 @@ if len(variants) < 3:
     problem("infra/envs", "expected dev, staging and prod values")
 variants["chart defaults"] = {}
 variants["autoscaling.trigger=prometheus"] = {"autoscaling": {"trigger": "prometheus"}}
-variants["autoscaling.enabled=false"] = {"autoscaling": {"enabled": False}, "networkPolicy": {"enabled": False}}
+variants["autoscaling and policies off"] = {
+    "autoscaling": {"enabled": False},
+    "networkPolicy": {"workers": False, "natsMonitoring": {"enabled": False}},
+}
 for name, values in variants.items():
     try:
         chart.validate_schema(values)
@@ -250,12 +253,25 @@ for name, docs in sets.items():
             else:
                 problem(sname, f"unexpected trigger {t['type']}")
     for np in by_kind.get("NetworkPolicy", {}).values():
-        for rule in np["spec"].get("ingress", []):
-            ports = {p.get("port") for p in rule.get("ports", [])}
-            if 8222 in ports:
-                peers = rule.get("from", [])
-                if not peers or any(not p.get("podSelector", {}).get("matchLabels") for p in peers):
-                    problem(f"{name} NetworkPolicy/{np['metadata']['name']}", "the monitoring port must be open only to selected pods")
+        if not np["metadata"]["name"].endswith("-nats-monitoring"):
+            continue
+        npname = f"{name} NetworkPolicy/{np['metadata']['name']}"
+        guarded = [r for r in np["spec"].get("ingress", []) if r.get("from")]
+        open_rules = [r for r in np["spec"].get("ingress", []) if not r.get("from")]
+        if len(guarded) != 1 or len(guarded[0].get("ports", [])) != 1:
+            problem(npname, "expected one rule, for the monitoring port alone, with sources")
+            continue
+        port = guarded[0]["ports"][0]["port"]
+        for peer in guarded[0]["from"]:
+            if not peer.get("namespaceSelector", {}).get("matchLabels") or not peer.get("podSelector", {}).get("matchLabels"):
+                problem(npname, f"port {port} must be open only to selected pods of selected namespaces: {peer}")
+        for rule in open_rules:
+            for p in rule.get("ports", []):
+                if p.get("protocol", "TCP") == "TCP" and p["port"] <= port <= p.get("endPort", p["port"]):
+                    problem(npname, f"a rule without sources opens the monitoring port {port}: {p}")
+        tcp = sorted((p["port"], p.get("endPort", p["port"])) for r in open_rules for p in r.get("ports", []) if p.get("protocol", "TCP") == "TCP")
+        if tcp != [(1, port - 1), (port + 1, 65535)]:
+            problem(npname, f"every TCP port but {port} should stay open to all (client, cluster, leafnode ports): {tcp}")
 
 # 6. Dockerfile and YAML style.
 r = subprocess.run([str(bindir / "hadolint"), "--failure-threshold", "warning", str(root / "Dockerfile")], capture_output=True, text=True)

@@ -177,7 +177,8 @@ pub fn jsz_url(base: &str, account: &str) -> String {
 }
 
 /// The lag of `stream`/`consumer` in a `/jsz` answer, as KEDA computes it; `None` when
-/// the account or stream is missing (KEDA reports an error then).
+/// the account or stream is missing. (KEDA itself then reads a lag of 0 on a single
+/// server, so the object never activates; here it is an error worth reporting.)
 pub fn lag_in_jsz(jsz: &Value, account: &str, stream: &str, consumer: &str) -> Option<u64> {
     let acc = jsz["account_details"]
         .as_array()?

@@ -3,11 +3,13 @@
 //! same lag, read from the NATS monitoring endpoint as KEDA's scaler reads it.
 //!
 //! Per lane, every poll: the shipped formula ([`Policy::desired`]) gives the replicas
-//! wanted. Scale-up is immediate, paced like the chart's HPA behaviour (at most double,
-//! or four more, per step); scale-down takes the highest recommendation of the last
-//! stabilization window; an inactive lane whose minimum is zero goes to zero after the
-//! cooldown. A process scaled in gets SIGTERM and drains, as a pod does. Only the
-//! timings are shortened so a burst is watchable in seconds ([`Timing::local`]).
+//! wanted. A lane at zero that becomes active gets one process (KEDA's activation);
+//! from there the HPA's behaviour of the chart applies: up by at most double or four
+//! more per step, down to the highest recommendation of the stabilization window and
+//! by at most 25% or two processes per period, whichever is less. An inactive lane
+//! whose minimum is zero goes to zero after the cooldown. A process scaled in gets
+//! SIGTERM and drains, as a pod does. Only the timings are shortened so a burst is
+//! watchable in seconds ([`Timing::local`]).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -28,6 +30,8 @@ pub(super) struct Timing {
     /// An inactive lane with minimum zero waits this long before going to zero
     /// (KEDA's `cooldownPeriod`).
     pub(super) cooldown: Duration,
+    /// One scale-down step per period (the scale-down policies' `periodSeconds`).
+    pub(super) scale_down_period: Duration,
 }
 
 impl Timing {
@@ -37,6 +41,7 @@ impl Timing {
             poll: Duration::from_secs(1),
             stabilization: Duration::from_secs(10),
             cooldown: Duration::from_secs(10),
+            scale_down_period: Duration::from_secs(2),
         }
     }
 }
@@ -57,8 +62,47 @@ struct Lane {
     /// (when, recommended replicas) within the stabilization window.
     recommendations: VecDeque<(Instant, u32)>,
     last_active: Option<Instant>,
+    last_scale_down: Option<Instant>,
     spawned: u32,
     peak: u32,
+}
+
+/// What one poll knows about a lane besides its replica count.
+#[derive(Debug, Clone, Copy)]
+struct Signals {
+    /// The lag is above the activation threshold.
+    active: bool,
+    /// The formula's answer now.
+    raw: u32,
+    /// The highest answer within the stabilization window.
+    stable: u32,
+    /// Inactive for the cooldown period.
+    cooled: bool,
+    /// A scale-down step is allowed (a period has passed since the last).
+    down_due: bool,
+}
+
+/// Where KEDA and the chart's HPA behaviour take `current` replicas next.
+fn next_replicas(p: &Policy, current: u32, s: Signals) -> u32 {
+    if current == 0 {
+        // Activation: KEDA wakes a lane at zero with one replica; the HPA takes it
+        // from there.
+        return if s.active { p.min_replicas.max(1) } else { 0 };
+    }
+    if !s.active && p.min_replicas == 0 {
+        // KEDA scales an idle lane to zero itself, after the cooldown.
+        return if s.cooled { 0 } else { current };
+    }
+    if s.raw > current {
+        // Scale-up policies: +100% or +4 pods per period, whichever is more.
+        return s.raw.min((current * 2).max(current + 4));
+    }
+    if s.stable < current && s.down_due {
+        // Scale-down policies, the smaller change wins: -25% or -2 pods per period.
+        let floor = (current * 3 / 4).max(current.saturating_sub(2));
+        return s.stable.max(floor).max(p.min_replicas.max(1));
+    }
+    current
 }
 
 /// Executor processes per lane, scaled on lag.
@@ -85,6 +129,7 @@ impl Autoscaler {
                     procs: Vec::new(),
                     recommendations: VecDeque::new(),
                     last_active: None,
+                    last_scale_down: None,
                     spawned: 0,
                     peak: 0,
                 })
@@ -155,23 +200,25 @@ impl Autoscaler {
             {
                 lane.recommendations.pop_front();
             }
-            let target = if current == 0 {
-                // Activation: KEDA scales from zero on its own, without the HPA.
-                raw
-            } else if !p.active(lag) && p.min_replicas == 0 {
-                let idle_for = lane.last_active.map_or(self.timing.cooldown, |t| now.duration_since(t));
-                if idle_for >= self.timing.cooldown {
-                    0
-                } else {
-                    current
-                }
-            } else if raw > current {
-                // The chart's scale-up policies: +100% or +4 pods, whichever is more.
-                raw.min((current * 2).max(current + 4))
-            } else {
-                let stable = lane.recommendations.iter().map(|(_, r)| *r).max().unwrap_or(raw);
-                stable.min(current).max(p.min_replicas.max(1))
-            };
+            let idle_for = lane.last_active.map_or(self.timing.cooldown, |t| now.duration_since(t));
+            let down_due = lane
+                .last_scale_down
+                .is_none_or(|t| now.duration_since(t) >= self.timing.scale_down_period);
+            let stable = lane.recommendations.iter().map(|(_, r)| *r).max().unwrap_or(raw);
+            let target = next_replicas(
+                p,
+                current,
+                Signals {
+                    active: p.active(lag),
+                    raw,
+                    stable,
+                    cooled: idle_for >= self.timing.cooldown,
+                    down_due,
+                },
+            );
+            if target < current && target > 0 {
+                lane.last_scale_down = Some(now);
+            }
             if target != current {
                 changes.push(Change {
                     lane: lane.name.clone(),
@@ -218,5 +265,52 @@ impl Autoscaler {
             h.await??;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn signals(active: bool, raw: u32) -> Signals {
+        Signals {
+            active,
+            raw,
+            stable: raw,
+            cooled: false,
+            down_due: true,
+        }
+    }
+
+    #[test]
+    fn replicas_move_as_keda_and_the_charts_hpa_behaviour_move_them() {
+        let slow = Policy::shipped_for("executor-slow").unwrap();
+        let fast = Policy::shipped_for("executor-fast").unwrap();
+        assert_eq!(next_replicas(&slow, 0, signals(false, 0)), 0, "idle at zero");
+        assert_eq!(next_replicas(&slow, 0, signals(true, 7)), 1, "activation wakes one");
+        assert_eq!(next_replicas(&slow, 1, signals(true, 7)), 5, "then +4");
+        assert_eq!(next_replicas(&slow, 5, signals(true, 7)), 7, "then up to the formula");
+        assert_eq!(next_replicas(&fast, 6, signals(true, 40)), 12, "+100% beats +4");
+        let mut down = vec![10];
+        while *down.last().unwrap() > 1 {
+            down.push(next_replicas(&fast, *down.last().unwrap(), signals(false, 1)));
+        }
+        assert_eq!(down, [10, 8, 6, 4, 3, 2, 1], "-25% or -2 per period, the smaller");
+        let held = Signals {
+            stable: 9,
+            ..signals(true, 1)
+        };
+        assert_eq!(next_replicas(&fast, 10, held), 9, "the window's highest answer holds");
+        let early = Signals {
+            down_due: false,
+            ..signals(true, 1)
+        };
+        assert_eq!(next_replicas(&fast, 10, early), 10, "one step per period");
+        assert_eq!(next_replicas(&slow, 7, signals(false, 0)), 7, "not cooled yet");
+        let cooled = Signals {
+            cooled: true,
+            ..signals(false, 0)
+        };
+        assert_eq!(next_replicas(&slow, 7, cooled), 0, "to zero after the cooldown");
     }
 }

@@ -362,8 +362,13 @@ async fn autoscaled(lab: &Lab, args: &DevArgs, env: Vec<(&'static str, String)>)
         chart_timing = (p.polling_interval_s, p.cooldown_s);
     }
     println!(
-        "  timings shortened for one machine: poll {:?}, scale-down window {:?}, cooldown to zero {:?} (keda/: {}s, 300s, {}s)",
-        timing.poll, timing.stabilization, timing.cooldown, chart_timing.0, chart_timing.1
+        "  timings shortened for one machine: poll {:?}, scale-down window {:?} and a step per {:?}, cooldown to zero {:?}\n  (keda/: {}s, 300s and 60s, {}s)",
+        timing.poll,
+        timing.stabilization,
+        timing.scale_down_period,
+        timing.cooldown,
+        chart_timing.0,
+        chart_timing.1
     );
     scaler.start(lab)?;
     let started = Instant::now();

@@ -7,6 +7,19 @@
 {{- end -}}
 {{- end -}}
 
+{{/* The name of one component's objects: dict "root" $ "component" "predictor". */}}
+{{- define "mlsched.componentName" -}}
+{{- printf "%s-%s" (include "mlsched.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The config keys of .Values.config as container env entries. */}}
+{{- define "mlsched.configEnv" -}}
+{{- range $key, $value := .Values.config }}
+- name: {{ printf "MLSCHED__%s" ($key | replace "." "__" | upper) }}
+  value: {{ $value | toString | quote }}
+{{- end }}
+{{- end -}}
+
 {{/* Labels every object carries. */}}
 {{- define "mlsched.labels" -}}
 app.kubernetes.io/name: {{ .Chart.Name }}
@@ -54,7 +67,7 @@ A worker Deployment: dict "root" $ "component" "executor-fast" "binary"
 */}}
 {{- define "mlsched.worker" -}}
 {{- $root := .root -}}
-{{- $name := printf "%s-%s" (include "mlsched.fullname" $root) .component -}}
+{{- $name := include "mlsched.componentName" (dict "root" $root "component" .component) -}}
 apiVersion: apps/v1
 kind: Deployment
 metadata:
