@@ -8,7 +8,7 @@ use futures::StreamExt;
 use mlsched::streams::Definitions;
 use serde_json::json;
 
-use crate::harness::{eventually, TestEnv, DEADLINE};
+use crate::harness::{eventually, terminate, TestEnv, DEADLINE};
 
 async fn one_success_each(env: &TestEnv, n: i64) {
     let per_job: Vec<i64> = sqlx::query_scalar(
@@ -89,17 +89,7 @@ async fn sigterm_lets_in_flight_jobs_finish_once_and_leaves_the_rest_queued() {
         (beating == 4).then_some(())
     })
     .await;
-    let pid = worker.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = eventually("the executor to exit", DEADLINE, || {
-        let exited = worker.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
+    let status = terminate(&mut worker).await;
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
     for id in &long {
         let row = env.row(*id).await.unwrap();
@@ -268,17 +258,7 @@ async fn the_predictor_stops_on_sigterm_without_losing_or_doubling_a_submission(
         (count(&env, "queued").await > 0).then_some(())
     })
     .await;
-    let pid = predictor.id().to_string();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
-    let status = eventually("the predictor to exit", DEADLINE, || {
-        let exited = predictor.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
+    let status = terminate(&mut predictor).await;
     assert!(status.success(), "graceful shutdown exits 0, got {status}");
     // Every submission is either routed (row + run message) or still waiting.
     let routed = count(&env, "queued").await;

@@ -39,6 +39,20 @@ where
     }
 }
 
+/// Sends SIGTERM to `child` (what Kubernetes does to a pod) and returns how it exited.
+pub async fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    assert!(Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap()
+        .success());
+    eventually("the process to exit after SIGTERM", DEADLINE, || {
+        let exited = child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await
+}
+
 /// Polls `check` every 25 ms until it returns `Some`, or `None` after `timeout`.
 async fn poll_until<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
 where
@@ -293,6 +307,13 @@ impl TestEnv {
             eprintln!("mlsched {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         (out.status.success(), stdout)
+    }
+
+    /// Publishes `body` to `subject` `n` times.
+    pub async fn publish_n(&self, subject: &str, body: &[u8], n: u64) {
+        for _ in 0..n {
+            self.publish(subject, body.to_vec(), None).await;
+        }
     }
 
     /// Publishes a valid envelope of `kind` to `jobs.submit.<kind>`.

@@ -5,7 +5,7 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{eventually, TestEnv, DEADLINE};
+use crate::harness::{eventually, terminate, TestEnv, DEADLINE};
 use mlsched::autoscale::{LagReader, Policy};
 
 /// Lag of `policy`'s consumer once it equals `want`.
@@ -39,22 +39,16 @@ async fn a_burst_scales_each_deployment_out_by_the_shipped_formula_and_back_to_i
         2 * slow.lag_threshold + 3,
         2 * predictor.lag_threshold + 1,
     );
-    for _ in 0..n_fast {
-        env.publish("jobs.run.fast.noop", br#"{"kind":"noop","payload":{}}"#.to_vec(), None)
-            .await;
-    }
-    for _ in 0..n_slow {
-        env.publish(
-            "jobs.run.slow.sleep",
-            br#"{"kind":"sleep","payload":{"ms":50}}"#.to_vec(),
-            None,
-        )
+    env.publish_n("jobs.run.fast.noop", br#"{"kind":"noop","payload":{}}"#, n_fast)
         .await;
-    }
-    for _ in 0..n_submit {
-        env.publish("jobs.submit.noop", br#"{"kind":"noop","payload":{}}"#.to_vec(), None)
-            .await;
-    }
+    env.publish_n(
+        "jobs.run.slow.sleep",
+        br#"{"kind":"sleep","payload":{"ms":50}}"#,
+        n_slow,
+    )
+    .await;
+    env.publish_n("jobs.submit.noop", br#"{"kind":"noop","payload":{}}"#, n_submit)
+        .await;
     lag_reaches(&reader, &fast, n_fast).await;
     lag_reaches(&reader, &slow, n_slow).await;
     lag_reaches(&reader, &predictor, n_submit).await;
@@ -107,14 +101,12 @@ async fn scale_in_under_load_drains_the_stopped_executor_and_loses_or_repeats_no
     let mut stays = env.spawn_process("executor", &conc);
     let mut leaves = env.spawn_process("executor", &conc);
     let n = 400;
-    for _ in 0..n {
-        env.publish(
-            "jobs.run.fast.sleep",
-            br#"{"kind":"sleep","payload":{"ms":150}}"#.to_vec(),
-            None,
-        )
-        .await;
-    }
+    env.publish_n(
+        "jobs.run.fast.sleep",
+        br#"{"kind":"sleep","payload":{"ms":150}}"#,
+        n as u64,
+    )
+    .await;
     let succeeded = || async {
         sqlx::query_scalar::<_, i64>("SELECT count(*) FROM jobs WHERE status = 'succeeded'")
             .fetch_one(&env.pool)
@@ -133,16 +125,7 @@ async fn scale_in_under_load_drains_the_stopped_executor_and_loses_or_repeats_no
 
     // What KEDA's scale-in does to a pod.
     let sent = Instant::now();
-    assert!(std::process::Command::new("kill")
-        .args(["-TERM", &leaves.id().to_string()])
-        .status()
-        .unwrap()
-        .success());
-    let status = eventually("the stopped executor to exit", DEADLINE, || {
-        let exited = leaves.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
+    let status = terminate(&mut leaves).await;
     assert!(status.success(), "a drained executor exits 0, got {status}");
     assert!(
         sent.elapsed() < Duration::from_secs(grace + 5),
