@@ -16,6 +16,11 @@ struct Args {
     config: Option<std::path::PathBuf>,
 }
 
+/// Many small, short-lived allocations per job (messages, records, futures) on
+/// several threads: mimalloc spends less CPU on them than glibc's allocator.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
