@@ -193,8 +193,6 @@ for name, docs in sets.items():
             for k, v in env.items():
                 if k.startswith("MLSCHED") and not k.startswith("MLSCHED__"):
                     problem(cname, f"{k} is no config variable (MLSCHED__SECTION__KEY)")
-            if not configmaps and name.startswith("keda"):
-                continue
             check_config_keys(cname, env)
             listen = env.get("MLSCHED__METRICS__LISTEN", "0.0.0.0:9464")
             port = int(listen.rsplit(":", 1)[1])

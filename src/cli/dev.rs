@@ -16,7 +16,7 @@ use serde_json::json;
 use sqlx::{PgPool, Row};
 
 use super::autoscale::{Autoscaler, Timing};
-use super::lab::{wait_finished, wait_for_model, Lab};
+use super::lab::{finished, wait_finished, wait_for_model, Lab};
 use super::submit::{publish_all, Outgoing};
 use crate::client::Producer;
 use crate::config::Settings;
@@ -353,14 +353,16 @@ async fn autoscaled(lab: &Lab, args: &DevArgs, env: Vec<(&'static str, String)>)
     let mut scaler = Autoscaler::new(&monitor, timing, env)?;
     println!("\nAutoscaling executors with the ScaledObjects of keda/: replicas = ceil(lag / lagThreshold),");
     println!("lag = pending + in flight of the lane's consumer, read from {monitor}/jsz as KEDA reads it.");
-    let mut chart_timing = (0, 0);
     for (lane, p) in scaler.policies() {
         println!(
             "  {lane:<5} lagThreshold {:>4} (each executor runs that many jobs at once), replicas {}..{}",
             p.lag_threshold, p.min_replicas, p.max_replicas
         );
-        chart_timing = (p.polling_interval_s, p.cooldown_s);
     }
+    let chart_timing = scaler
+        .policies()
+        .next()
+        .map_or((0, 0), |(_, p)| (p.polling_interval_s, p.cooldown_s));
     println!(
         "  timings shortened for one machine: poll {:?}, scale-down window {:?} and a step per {:?}, cooldown to zero {:?}\n  (keda/: {}s, 300s and 60s, {}s)",
         timing.poll,
@@ -465,14 +467,4 @@ async fn autoscaled(lab: &Lab, args: &DevArgs, env: Vec<(&'static str, String)>)
         println!("  records: {ok} of {} succeeded, {twice} started twice", ids.len());
     }
     scaler.stop().await
-}
-
-/// How many of `ids` are finished.
-async fn finished(pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<i64> {
-    Ok(sqlx::query_scalar(
-        "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('succeeded', 'dead', 'cancelled')",
-    )
-    .bind(ids)
-    .fetch_one(pool)
-    .await?)
 }

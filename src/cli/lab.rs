@@ -180,7 +180,7 @@ impl Drop for Proc {
 }
 
 /// The status code of `GET path` on `addr`, or `None` if nothing answered.
-async fn http_status(addr: &str, path: &str) -> Option<u16> {
+pub(super) async fn http_status(addr: &str, path: &str) -> Option<u16> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await.ok()?;
     let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
@@ -213,12 +213,7 @@ pub(super) async fn wait_finished(
 ) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + within;
     loop {
-        let done: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('succeeded', 'dead', 'cancelled')",
-        )
-        .bind(ids)
-        .fetch_one(pool)
-        .await?;
+        let done = finished(pool, ids).await?;
         bar.set_position(done as u64);
         if done as usize >= ids.len() {
             return Ok(());
@@ -228,6 +223,16 @@ pub(super) async fn wait_finished(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// How many of `ids` are finished (succeeded, dead or cancelled) in Postgres.
+pub(super) async fn finished(pool: &PgPool, ids: &[uuid::Uuid]) -> anyhow::Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM jobs WHERE id = ANY($1) AND status IN ('succeeded', 'dead', 'cancelled')",
+    )
+    .bind(ids)
+    .fetch_one(pool)
+    .await?)
 }
 
 /// Waits until a predictor answers `mlsched.predict` with model `version`.

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 
+use super::lab::http_status;
 use crate::config::Settings;
 
 /// `mlsched health` options.
@@ -54,17 +55,16 @@ pub(super) async fn health(args: HealthArgs, settings: &Settings) -> anyhow::Res
         }
     };
     let url = format!("http://{addr}{}", args.path);
-    let status = reqwest::Client::builder()
-        .timeout(Duration::from_millis(args.timeout_ms))
-        .build()?
-        .get(&url)
-        .send()
-        .await
-        .with_context(|| format!("{url} did not answer within {} ms", args.timeout_ms))?
-        .status();
-    if !status.is_success() {
-        bail!("{url} answered {status}");
+    let timeout = Duration::from_millis(args.timeout_ms);
+    match tokio::time::timeout(timeout, http_status(&addr.to_string(), &args.path)).await {
+        Ok(Some(200)) => {
+            println!("{url}: ok");
+            Ok(())
+        }
+        Ok(Some(code)) => bail!("{url} answered {code}"),
+        Ok(None) | Err(_) => bail!(
+            "{url} did not answer (nothing listening, or no answer within {} ms)",
+            args.timeout_ms
+        ),
     }
-    println!("{url}: ok");
-    Ok(())
 }

@@ -12,10 +12,15 @@
 {{- printf "%s-%s" (include "mlsched.fullname" .root) .component | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* The environment variable of a config key: log.format is MLSCHED__LOG__FORMAT. */}}
+{{- define "mlsched.envName" -}}
+{{- printf "MLSCHED__%s" (. | replace "." "__" | upper) -}}
+{{- end -}}
+
 {{/* The config keys of .Values.config as container env entries. */}}
 {{- define "mlsched.configEnv" -}}
 {{- range $key, $value := .Values.config }}
-- name: {{ printf "MLSCHED__%s" ($key | replace "." "__" | upper) }}
+- name: {{ include "mlsched.envName" $key }}
   value: {{ $value | toString | quote }}
 {{- end }}
 {{- end -}}
